@@ -1,0 +1,163 @@
+//! The admin HTTP endpoint: `/metrics`, `/healthz`, `/readyz` and
+//! `/readyz/<part>` (e.g. `/readyz/forward/rds`), the target of a load
+//! balancer's health check.
+//!
+//! `/healthz` is 200 while the process serves. `/readyz` is 200 when every
+//! part is ready, else 503 with one line per part that is not; a part's own
+//! path answers for that part alone, so a load balancer checks only what it
+//! fronts. Everything is 503 while draining.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A readiness check: `Err` carries the one-line reason.
+pub type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Readiness of the whole process, part by part.
+pub struct Health {
+    draining: AtomicBool,
+    parts: Vec<(String, Check)>,
+}
+
+impl Health {
+    /// `parts`: (path under /readyz/, check), e.g. ("forward/rds", ...).
+    pub fn new(parts: Vec<(String, Check)>) -> Health {
+        Health {
+            draining: AtomicBool::new(false),
+            parts,
+        }
+    }
+
+    /// From now on every readiness answer is 503.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// None: no such part. Some(Ok) ready, Some(Err(reason)) not.
+    pub fn check(&self, part: Option<&str>) -> Option<Result<(), String>> {
+        let selected: Vec<&(String, Check)> = match part {
+            None => self.parts.iter().collect(),
+            Some(p) => {
+                let found: Vec<_> = self.parts.iter().filter(|(path, _)| path == p).collect();
+                if found.is_empty() {
+                    return None;
+                }
+                found
+            }
+        };
+        if self.is_draining() {
+            return Some(Err("draining: shutting down".into()));
+        }
+        let reasons: Vec<String> = selected.iter().filter_map(|(_, check)| check().err()).collect();
+        Some(if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(reasons.join("\n"))
+        })
+    }
+
+    pub fn part_names(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(|(p, _)| p.as_str())
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    health: Arc<Health>,
+    prometheus: PrometheusHandle,
+}
+
+/// Serves the admin endpoint on `listener` until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    prometheus: PrometheusHandle,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz_all))
+        .route("/readyz/{*part}", get(readyz_part))
+        .with_state(AdminState { health, prometheus });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn readyz_all(State(s): State<AdminState>) -> Response {
+    answer(s.health.check(None))
+}
+
+async fn readyz_part(State(s): State<AdminState>, Path(part): Path<String>) -> Response {
+    answer(s.health.check(Some(part.trim_end_matches('/'))))
+}
+
+fn answer(result: Option<Result<(), String>>) -> Response {
+    match result {
+        None => (StatusCode::NOT_FOUND, "no such part (see /readyz)\n").into_response(),
+        Some(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Some(Err(reason)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Health {
+        Health::new(vec![
+            ("forward/a".into(), Box::new(|| Ok(()))),
+            (
+                "forward/b".into(),
+                Box::new(|| Err("forward \"b\": no address yet".into())),
+            ),
+        ])
+    }
+
+    #[test]
+    fn readiness_by_part_and_overall() {
+        let h = health();
+        assert_eq!(h.check(Some("forward/a")), Some(Ok(())));
+        assert_eq!(
+            h.check(Some("forward/b")),
+            Some(Err("forward \"b\": no address yet".into()))
+        );
+        assert_eq!(
+            h.check(None),
+            Some(Err("forward \"b\": no address yet".into())),
+            "overall needs every part"
+        );
+        assert_eq!(h.check(Some("forward/c")), None, "unknown part");
+    }
+
+    #[test]
+    fn draining_makes_every_part_unready() {
+        let h = health();
+        h.set_draining();
+        assert!(h.check(Some("forward/a")).unwrap().is_err());
+        assert!(h.check(None).unwrap().unwrap_err().contains("draining"));
+        assert_eq!(h.check(Some("nope")), None);
+    }
+}

@@ -1,0 +1,188 @@
+//! The command line: `jumpgate run` and `jumpgate check`.
+//!
+//! Exit codes: 0 clean exit (signal, idle exit), 1 config or start-up error
+//! (the message names the file, the table, the field and the fix), 2 usage
+//! (clap's own code for a bad command line).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+use crate::config::{Config, DEFAULT_PATH, Host, OnChange};
+use crate::daemon::{self, App, StartError};
+use crate::dns;
+
+/// jumpgate: let a data-pipeline service reach databases in a private network.
+#[derive(Debug, Parser)]
+#[command(name = "jumpgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: every role the config turns on, plus the admin endpoint.
+    Run {
+        /// Config file; the embedded default stands in for config/jumpgate.toml when that file is missing.
+        #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Once every listener is bound, write their addresses here as JSON (atomically).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate the config, resolve its names and print the plan; exit 1 on a config error.
+    Check {
+        /// Config file, as for `run`.
+        #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config, ready_file } => run(&config, ready_file),
+        Command::Check { config } => check(&config),
+    }
+}
+
+fn load(path: &Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn run(path: &Path, ready_file: Option<PathBuf>) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    crate::logging::init(&config.log);
+    info!(config = %config.file, version = env!("CARGO_PKG_VERSION"), "starting");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async {
+        let app = App::bind(config).await?;
+        app.run(|info| {
+            if let Some(path) = &ready_file {
+                daemon::write_ready_file(path, info).map_err(|source| StartError::ReadyFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            }
+            daemon::notify_systemd("READY=1");
+            Ok(())
+        })
+        .await
+    });
+    // Connections were cut or drained by `run`; do not wait on stragglers.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(exit) => {
+            info!(?exit, "exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = %e, "start-up failed");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    println!("{}: ok", config.file);
+    println!("admin    listen {}  (/metrics /healthz /readyz)", config.admin.listen);
+    let d = &config.daemon;
+    println!(
+        "daemon   drain_delay {:?}, shutdown_grace {:?}, idle_exit {}",
+        d.drain_delay,
+        d.shutdown_grace,
+        d.idle_exit.map_or_else(|| "off".to_string(), |t| format!("{t:?}"))
+    );
+    let ns = if config.dns.nameservers.is_empty() {
+        "system resolver".to_string()
+    } else {
+        config
+            .dns
+            .nameservers
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "dns      {ns}; re-resolve after the TTL clamped to [{:?}, {:?}]",
+        config.dns.min_ttl, config.dns.max_ttl
+    );
+    if config.forward.is_empty() {
+        println!("(no [[forward]] routes)");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut warnings = 0;
+    rt.block_on(async {
+        let mut resolver: Option<Result<dns::Resolver, String>> = None;
+        for f in &config.forward {
+            let resolved = match &f.target.host {
+                Host::Ip(ip) => format!("fixed address {ip}"),
+                Host::Name(name) => {
+                    let r = resolver.get_or_insert_with(|| dns::Resolver::new(&config.dns).map_err(|e| e.to_string()));
+                    match r {
+                        Err(e) => {
+                            warnings += 1;
+                            format!("cannot resolve: {e}")
+                        }
+                        Ok(r) => match r.lookup(name).await {
+                            Ok((addrs, ttl)) => {
+                                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                                format!("resolves to {} (ttl {}s)", list.join(", "), ttl.as_secs())
+                            }
+                            Err(e) => {
+                                warnings += 1;
+                                format!("does NOT resolve now: {e} (the daemon starts anyway; /readyz stays 503 until it does)")
+                            }
+                        },
+                    }
+                }
+            };
+            let on_change = match f.on_change {
+                OnChange::Keep => "keep",
+                OnChange::Close => "close",
+            };
+            println!(
+                "forward  {:?}  listen {} -> {}  {}  [on_change {on_change}, connect_timeout {:?}, /readyz/forward/{}]",
+                f.name, f.listen, f.target, resolved, f.connect_timeout, f.name
+            );
+        }
+    });
+    if warnings > 0 {
+        println!("{warnings} warning(s): see above");
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,843 @@
+//! The TOML config: `Raw*` structs that mirror the file, then [`Config`], the
+//! validated form the rest of the daemon trusts.
+//!
+//! Every error names the file, the table (with its index and `name` for array
+//! tables), the field, what is wrong and how to fix it. Durations and addresses
+//! are read as strings and parsed here so their errors can say all of that;
+//! unknown fields are refused by serde (`deny_unknown_fields`), whose message
+//! carries the line and column.
+//!
+//! Tables of roles that are not built yet (`[ssh]`, `[[tunnel]]`, `[service]`)
+//! and keys whose behaviour is not built yet (`proxy_protocol = true`) are
+//! refused with a clear error: a config is never silently half-applied.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default config, embedded so a fresh machine can run `jumpgate run`
+/// with no file at all (the repo's `config/jumpgate.toml`).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/jumpgate.toml");
+/// Where `--config` points when neither the flag nor `$JUMPGATE_CONFIG` is set.
+pub const DEFAULT_PATH: &str = "config/jumpgate.toml";
+
+/// A config error: printed as is, then the process exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source} (check the path given to --config or $JUMPGATE_CONFIG)")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {0}", file = .1)]
+    Parse(#[source] toml::de::Error, String),
+    #[error("{file}: {table}: {field}: {reason}")]
+    Invalid {
+        file: String,
+        table: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+// ---------------------------------------------------------------- raw form
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    dns: RawDns,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+    // Roles built by later versions: parsed only to refuse them clearly.
+    ssh: Option<toml::Value>,
+    service: Option<toml::Value>,
+    #[serde(default)]
+    tunnel: Vec<toml::Value>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// "text" or "json".
+    #[serde(default = "default_log_format")]
+    format: String,
+    /// A level ("info") or a tracing filter ("info,jumpgate::dns=debug").
+    #[serde(default = "default_log_level")]
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint.
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    /// After SIGTERM: `/readyz` is 503 at once, listeners keep accepting this long.
+    #[serde(default = "zero")]
+    drain_delay: String,
+    /// Then: stop accepting and wait this long for open connections.
+    #[serde(default = "default_grace")]
+    shutdown_grace: String,
+    /// > 0: exit 0 after this long with no open connection.
+    #[serde(default = "zero")]
+    idle_exit: String,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        Self {
+            drain_delay: zero(),
+            shutdown_grace: default_grace(),
+            idle_exit: zero(),
+        }
+    }
+}
+
+fn zero() -> String {
+    "0s".into()
+}
+fn default_grace() -> String {
+    "30s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    /// Empty: the system resolver config (/etc/resolv.conf); else "ip" or "ip:port".
+    #[serde(default)]
+    nameservers: Vec<String>,
+    /// Floor of the re-resolve interval, whatever the record's TTL.
+    #[serde(default = "default_min_ttl")]
+    min_ttl: String,
+    /// Ceiling of the re-resolve interval, whatever the record's TTL.
+    #[serde(default = "default_max_ttl")]
+    max_ttl: String,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_ttl: default_min_ttl(),
+            max_ttl: default_max_ttl(),
+        }
+    }
+}
+
+fn default_min_ttl() -> String {
+    "1s".into()
+}
+fn default_max_ttl() -> String {
+    "30s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    name: Option<String>,
+    listen: Option<String>,
+    target: Option<String>,
+    #[serde(default = "default_on_change")]
+    on_change: String,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+}
+
+fn default_on_change() -> String {
+    "keep".into()
+}
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+
+// ----------------------------------------------------------- validated form
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages); "(embedded)" is appended for the built-in one.
+    pub file: String,
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub daemon: DaemonConfig,
+    pub dns: DnsConfig,
+    pub forward: Vec<ForwardConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter directive, already checked to parse.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub drain_delay: Duration,
+    pub shutdown_grace: Duration,
+    /// `None`: never exit for idleness.
+    pub idle_exit: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Empty: use the system resolver config.
+    pub nameservers: Vec<SocketAddr>,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+/// What to do with open connections whose upstream address left the DNS answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnChange {
+    /// Leave them alone (the default).
+    Keep,
+    /// Close them within a second of the change being seen (Aurora failover).
+    Close,
+}
+
+/// Where a route connects: an IP literal (fixed) or a name (watched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: Host,
+    pub port: u16,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            Host::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub target: Target,
+    pub on_change: OnChange,
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`; the embedded default stands in
+    /// for [`DEFAULT_PATH`] when that file does not exist.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_PATH) => {
+                Config::parse(EMBEDDED_DEFAULT, &format!("{DEFAULT_PATH} (embedded)"))
+            }
+            Err(source) => Err(ConfigError::Read { file, source }),
+        }
+    }
+
+    /// Parses and validates config text; `file` is only used in messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e, file.to_string()))?;
+        raw.validate(file)
+    }
+}
+
+/// Builds errors that all carry the file name.
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, table: impl Into<String>, field: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            table: table.into(),
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    fn duration(&self, table: &str, field: &'static str, text: &str) -> Result<Duration, ConfigError> {
+        parse_duration(text).map_err(|why| {
+            self.err(
+                table,
+                field,
+                format!("bad duration {text:?}: {why} (write e.g. \"500ms\", \"5s\", \"2m\")"),
+            )
+        })
+    }
+
+    fn socket_addr(
+        &self,
+        table: &str,
+        field: &'static str,
+        text: &str,
+        example_port: u16,
+    ) -> Result<SocketAddr, ConfigError> {
+        text.parse::<SocketAddr>().map_err(|_| {
+            let fix = if let Ok(port) = text.parse::<u16>() {
+                format!("write \"0.0.0.0:{port}\" or \"127.0.0.1:{port}\"")
+            } else if text.parse::<IpAddr>().is_ok() {
+                format!("add a port: \"{text}:{example_port}\"")
+            } else {
+                format!("write an IP address and port, e.g. \"127.0.0.1:{example_port}\"; names are not allowed here")
+            };
+            self.err(table, field, format!("not an address:port: {text:?} ({fix})"))
+        })
+    }
+}
+
+impl RawConfig {
+    fn validate(self, file: &str) -> Result<Config, ConfigError> {
+        let cx = Ctx { file };
+        if self.ssh.is_some() {
+            return Err(cx.err(
+                "[ssh]",
+                "ssh",
+                "the ssh role is not built in this version yet (remove the [ssh] table)",
+            ));
+        }
+        if !self.tunnel.is_empty() {
+            return Err(cx.err(
+                "[[tunnel]] #1",
+                "tunnel",
+                "the tunnel role is not built in this version yet (remove the [[tunnel]] tables)",
+            ));
+        }
+        if self.service.is_some() {
+            return Err(cx.err(
+                "[service]",
+                "service",
+                "the service API client is not built in this version yet (remove the [service] table)",
+            ));
+        }
+
+        let format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(cx.err(
+                    "[log]",
+                    "format",
+                    format!("unknown format {other:?} (write \"text\" or \"json\")"),
+                ));
+            }
+        };
+        // A bare word must be a level: EnvFilter would take "inof" as a target
+        // name and silently log nothing.
+        let level = self.log.level.trim();
+        let is_directive = level.contains('=') || level.contains(',');
+        let known = ["off", "error", "warn", "info", "debug", "trace"].contains(&level.to_ascii_lowercase().as_str());
+        let parsed = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string());
+        if let Some(why) = match (is_directive, known, parsed) {
+            (_, _, Err(e)) => Some(e),
+            (false, false, Ok(_)) => Some("not a level".to_string()),
+            _ => None,
+        } {
+            return Err(cx.err(
+                "[log]",
+                "level",
+                format!(
+                    "bad level {:?}: {why} (write \"error\", \"warn\", \"info\", \"debug\" or \"trace\", or a filter like \"info,jumpgate::dns=debug\")",
+                    self.log.level
+                ),
+            ));
+        }
+
+        let admin = AdminConfig {
+            listen: cx.socket_addr("[admin]", "listen", &self.admin.listen, 9090)?,
+        };
+
+        let daemon = DaemonConfig {
+            drain_delay: cx.duration("[daemon]", "drain_delay", &self.daemon.drain_delay)?,
+            shutdown_grace: cx.duration("[daemon]", "shutdown_grace", &self.daemon.shutdown_grace)?,
+            idle_exit: Some(cx.duration("[daemon]", "idle_exit", &self.daemon.idle_exit)?).filter(|d| !d.is_zero()),
+        };
+
+        let mut nameservers = Vec::new();
+        for ns in &self.dns.nameservers {
+            let addr = match ns.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, 53),
+                Err(_) => ns.parse::<SocketAddr>().map_err(|_| {
+                    cx.err(
+                        "[dns]",
+                        "nameservers",
+                        format!(
+                            "not an IP address or address:port: {ns:?} (write e.g. \"10.0.0.2\" or \"10.0.0.2:53\")"
+                        ),
+                    )
+                })?,
+            };
+            nameservers.push(addr);
+        }
+        let min_ttl = cx.duration("[dns]", "min_ttl", &self.dns.min_ttl)?;
+        let max_ttl = cx.duration("[dns]", "max_ttl", &self.dns.max_ttl)?;
+        if min_ttl < MIN_TTL_FLOOR {
+            return Err(cx.err(
+                "[dns]",
+                "min_ttl",
+                format!(
+                    "{:?} would re-resolve too often (write at least \"100ms\"; \"1s\" is the default)",
+                    self.dns.min_ttl
+                ),
+            ));
+        }
+        if max_ttl < min_ttl {
+            return Err(cx.err(
+                "[dns]",
+                "max_ttl",
+                format!(
+                    "{:?} is below min_ttl {:?} (make max_ttl at least min_ttl)",
+                    self.dns.max_ttl, self.dns.min_ttl
+                ),
+            ));
+        }
+        let dns = DnsConfig {
+            nameservers,
+            min_ttl,
+            max_ttl,
+        };
+
+        let mut forward = Vec::new();
+        let mut names = HashSet::new();
+        let mut listens: Vec<(SocketAddr, String)> = Vec::new();
+        for (i, raw) in self.forward.into_iter().enumerate() {
+            let index = i + 1;
+            let Some(name) = raw.name.clone() else {
+                return Err(cx.err(
+                    format!("[[forward]] #{index}"),
+                    "name",
+                    "missing (add e.g. name = \"rds\": it labels metrics, logs and /readyz/forward/<name>)",
+                ));
+            };
+            let table = format!("[[forward]] #{index} {name:?}");
+            check_name(&name).map_err(|why| cx.err(&table, "name", why))?;
+            if !names.insert(name.clone()) {
+                return Err(cx.err(
+                    &table,
+                    "name",
+                    format!("{name:?} is used by an earlier [[forward]] (give each route its own name)"),
+                ));
+            }
+            let Some(listen) = raw.listen.as_deref() else {
+                return Err(cx.err(&table, "listen", "missing (add e.g. listen = \"0.0.0.0:5432\")"));
+            };
+            let listen = cx.socket_addr(&table, "listen", listen, 5432)?;
+            if listen.port() != 0 {
+                if let Some((_, other)) = listens.iter().find(|(a, _)| overlaps(*a, listen)) {
+                    return Err(cx.err(&table, "listen", format!("{listen} is also the listen address of [[forward]] {other:?} (give each route its own port)")));
+                }
+                if listen == admin.listen {
+                    return Err(cx.err(
+                        &table,
+                        "listen",
+                        format!("{listen} is also [admin] listen (give the route another port)"),
+                    ));
+                }
+            }
+            listens.push((listen, name.clone()));
+            let Some(target) = raw.target.as_deref() else {
+                return Err(cx.err(
+                    &table,
+                    "target",
+                    "missing (add e.g. target = \"mydb.example.com:5432\")",
+                ));
+            };
+            let target = parse_target(target).map_err(|why| cx.err(&table, "target", why))?;
+            let on_change = match raw.on_change.as_str() {
+                "keep" => OnChange::Keep,
+                "close" => OnChange::Close,
+                other => {
+                    return Err(cx.err(
+                        &table,
+                        "on_change",
+                        format!("unknown value {other:?} (write \"keep\" or \"close\")"),
+                    ));
+                }
+            };
+            if raw.proxy_protocol {
+                return Err(cx.err(
+                    &table,
+                    "proxy_protocol",
+                    "PROXY protocol is not built in this version yet (set proxy_protocol = false or remove it)",
+                ));
+            }
+            let connect_timeout = cx.duration(&table, "connect_timeout", &raw.connect_timeout)?;
+            if connect_timeout.is_zero() {
+                return Err(cx.err(&table, "connect_timeout", "must be more than 0 (write e.g. \"5s\")"));
+            }
+            forward.push(ForwardConfig {
+                name,
+                listen,
+                target,
+                on_change,
+                connect_timeout,
+            });
+        }
+
+        Ok(Config {
+            file: file.to_string(),
+            state_dir: self.state_dir,
+            log: LogConfig {
+                format,
+                level: self.log.level,
+            },
+            admin,
+            daemon,
+            dns,
+            forward,
+        })
+    }
+}
+
+/// Below this the watcher could spin on a TTL-0 record.
+const MIN_TTL_FLOOR: Duration = Duration::from_millis(100);
+
+/// Two listen addresses that cannot both be bound (same port, same or wildcard IP).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Route names appear in metric labels and URLs: keep them plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("{name:?} must be 1 to 64 characters (e.g. \"rds\")"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "{name:?} may hold only letters, digits, '-', '_' and '.' (e.g. \"rds-writer\")"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `host:port`, `[v6]:port` or `ipv4:port`; the error says what to write.
+pub fn parse_target(text: &str) -> Result<Target, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!(
+                "port 0 in {text:?} (write the database's port, e.g. \"{}:5432\")",
+                addr.ip()
+            ));
+        }
+        return Ok(Target {
+            host: Host::Ip(addr.ip()),
+            port: addr.port(),
+        });
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        let shown = match ip {
+            IpAddr::V6(_) => format!("[{ip}]"),
+            IpAddr::V4(_) => ip.to_string(),
+        };
+        return Err(format!("no port in {text:?} (write \"{shown}:5432\")"));
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("no port in {text:?} (write \"{text}:5432\")"));
+    };
+    if host.contains(':') || host.starts_with('[') {
+        return Err(format!(
+            "bad IPv6 address in {text:?} (write e.g. \"[2001:db8::5]:5432\")"
+        ));
+    }
+    let port: u16 = match port.parse() {
+        Ok(p) if p != 0 => p,
+        _ => {
+            return Err(format!(
+                "bad port {port:?} in {text:?} (write a port from 1 to 65535, e.g. \"{host}:5432\")"
+            ));
+        }
+    };
+    check_hostname(host).map_err(|why| format!("{why} in {text:?}"))?;
+    Ok(Target {
+        host: Host::Name(host.trim_end_matches('.').to_ascii_lowercase()),
+        port,
+    })
+}
+
+fn check_hostname(host: &str) -> Result<(), String> {
+    let bare = host.trim_end_matches('.');
+    if bare.is_empty() {
+        return Err("no host name (write e.g. \"mydb.example.com:5432\")".into());
+    }
+    if bare.len() > 253 {
+        return Err("host name longer than 253 characters".into());
+    }
+    for label in bare.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "bad host name {host:?} (letters, digits and '-' between dots, e.g. \"mydb.example.com\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses "500ms", "5s", "2m", "1h30m", "0" (humantime syntax).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "config/jumpgate.toml";
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, FILE) {
+            Ok(_) => panic!("config was accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::parse(EMBEDDED_DEFAULT, "embedded").expect("embedded default parses");
+        assert!(!config.forward.is_empty(), "the embedded default has a forward route");
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config/examples exists") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no example configs found in {}", dir.display());
+    }
+
+    #[test]
+    fn defaults_fill_every_optional_field() {
+        let c = Config::parse(
+            "[[forward]]\nname = \"rds\"\nlisten = \"0.0.0.0:5432\"\ntarget = \"db.example.com:5432\"\n",
+            FILE,
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.daemon.drain_delay, Duration::ZERO);
+        assert_eq!(c.daemon.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.daemon.idle_exit, None);
+        assert_eq!(c.dns.min_ttl, Duration::from_secs(1));
+        assert_eq!(c.dns.max_ttl, Duration::from_secs(30));
+        assert!(c.dns.nameservers.is_empty());
+        let f = &c.forward[0];
+        assert_eq!(f.on_change, OnChange::Keep);
+        assert_eq!(f.connect_timeout, Duration::from_secs(5));
+        assert_eq!(
+            f.target,
+            Target {
+                host: Host::Name("db.example.com".into()),
+                port: 5432
+            }
+        );
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn errors_name_file_table_field_and_fix() {
+        let route = |extra: &str| {
+            format!(
+                "[[forward]]\nname = \"a\"\nlisten = \"127.0.0.1:1001\"\ntarget = \"a.example.com:1\"\n[[forward]]\nname = \"rds\"\nlisten = \"127.0.0.1:1002\"\n{extra}\n"
+            )
+        };
+        let cases: &[(&str, String, &str)] = &[
+            ("target without port", route("target = \"mydb.example.com\""),
+             "config/jumpgate.toml: [[forward]] #2 \"rds\": target: no port in \"mydb.example.com\" (write \"mydb.example.com:5432\")"),
+            ("target port zero", route("target = \"mydb.example.com:0\""), "[[forward]] #2 \"rds\": target: bad port \"0\""),
+            ("target bad host", route("target = \"my db:5432\""), "[[forward]] #2 \"rds\": target: bad host name"),
+            ("target missing", route(""), "[[forward]] #2 \"rds\": target: missing"),
+            ("ip without port", route("target = \"10.0.0.5\""), "target: no port in \"10.0.0.5\" (write \"10.0.0.5:5432\")"),
+            ("bad on_change", route("target = \"x.example.com:1\"\non_change = \"drop\""), "[[forward]] #2 \"rds\": on_change: unknown value \"drop\" (write \"keep\" or \"close\")"),
+            ("bad connect_timeout", route("target = \"x.example.com:1\"\nconnect_timeout = \"5 parsecs\""), "[[forward]] #2 \"rds\": connect_timeout: bad duration \"5 parsecs\""),
+            ("proxy protocol not built", route("target = \"x.example.com:1\"\nproxy_protocol = true"), "[[forward]] #2 \"rds\": proxy_protocol: PROXY protocol is not built"),
+            ("duplicate name", "[[forward]]\nname = \"rds\"\nlisten = \"127.0.0.1:1\"\ntarget = \"a.b:1\"\n[[forward]]\nname = \"rds\"\nlisten = \"127.0.0.1:2\"\ntarget = \"a.b:1\"\n".into(),
+             "[[forward]] #2 \"rds\": name: \"rds\" is used by an earlier [[forward]]"),
+            ("same listen twice", "[[forward]]\nname = \"a\"\nlisten = \"0.0.0.0:5432\"\ntarget = \"a.b:1\"\n[[forward]]\nname = \"b\"\nlisten = \"127.0.0.1:5432\"\ntarget = \"a.b:1\"\n".into(),
+             "[[forward]] #2 \"b\": listen: 127.0.0.1:5432 is also the listen address of [[forward]] \"a\""),
+            ("listen is a bare port", route("listen = \"5432\""), "duplicate key"),
+            ("name missing", "[[forward]]\nlisten = \"127.0.0.1:1\"\ntarget = \"a.b:1\"\n".into(), "[[forward]] #1: name: missing"),
+            ("bad name", "[[forward]]\nname = \"r d s\"\nlisten = \"127.0.0.1:1\"\ntarget = \"a.b:1\"\n".into(), "[[forward]] #1 \"r d s\": name: \"r d s\" may hold only"),
+            ("listen without port", "[[forward]]\nname = \"a\"\nlisten = \"0.0.0.0\"\ntarget = \"a.b:1\"\n".into(), "[[forward]] #1 \"a\": listen: not an address:port: \"0.0.0.0\" (add a port: \"0.0.0.0:5432\")"),
+            ("listen bare port", "[[forward]]\nname = \"a\"\nlisten = \"5432\"\ntarget = \"a.b:1\"\n".into(), "listen: not an address:port: \"5432\" (write \"0.0.0.0:5432\" or \"127.0.0.1:5432\")"),
+            ("bad drain_delay", "[daemon]\ndrain_delay = \"soon\"\n".into(), "config/jumpgate.toml: [daemon]: drain_delay: bad duration \"soon\""),
+            ("bad idle_exit", "[daemon]\nidle_exit = \"10\"\n".into(), "[daemon]: idle_exit: bad duration \"10\""),
+            ("min_ttl too small", "[dns]\nmin_ttl = \"0s\"\n".into(), "[dns]: min_ttl: \"0s\" would re-resolve too often"),
+            ("max below min", "[dns]\nmin_ttl = \"10s\"\nmax_ttl = \"5s\"\n".into(), "[dns]: max_ttl: \"5s\" is below min_ttl \"10s\""),
+            ("bad nameserver", "[dns]\nnameservers = [\"ns1.example.com\"]\n".into(), "[dns]: nameservers: not an IP address or address:port: \"ns1.example.com\""),
+            ("bad admin", "[admin]\nlisten = \"localhost:9090\"\n".into(), "[admin]: listen: not an address:port: \"localhost:9090\""),
+            ("bad log format", "[log]\nformat = \"xml\"\n".into(), "[log]: format: unknown format \"xml\" (write \"text\" or \"json\")"),
+            ("bad log level", "[log]\nlevel = \"loud\"\n".into(), "[log]: level: bad level \"loud\": not a level"),
+            ("bad log filter", "[log]\nlevel = \"info,jumpgate=loud\"\n".into(), "[log]: level: bad level \"info,jumpgate=loud\""),
+            ("unknown top-level field", "colour = \"blue\"\n".into(), "config/jumpgate.toml: TOML parse error at line 1, column 1"),
+            ("unknown forward field", route("target = \"a.b:1\"\ntimeout = \"5s\""), "unknown field `timeout`"),
+            ("ssh not built", "[ssh]\nlisten = \"127.0.0.1:2222\"\n".into(), "config/jumpgate.toml: [ssh]: ssh: the ssh role is not built in this version yet"),
+            ("tunnel not built", "[[tunnel]]\nname = \"t\"\n".into(), "[[tunnel]] #1: tunnel: the tunnel role is not built"),
+            ("service not built", "[service]\napi_url = \"https://x\"\n".into(), "[service]: service: the service API client is not built"),
+        ];
+        for (case, text, want) in cases {
+            let got = err(text);
+            assert!(got.contains(want), "{case}:\n got: {got}\nwant: {want}");
+            assert!(
+                got.starts_with(FILE),
+                "{case}: message does not start with the file: {got}"
+            );
+        }
+    }
+
+    #[test]
+    fn targets_parse() {
+        let ok: &[(&str, Target)] = &[
+            (
+                "db.example.com:5432",
+                Target {
+                    host: Host::Name("db.example.com".into()),
+                    port: 5432,
+                },
+            ),
+            (
+                "DB.Example.COM.:5432",
+                Target {
+                    host: Host::Name("db.example.com".into()),
+                    port: 5432,
+                },
+            ),
+            (
+                "10.0.0.5:3306",
+                Target {
+                    host: Host::Ip("10.0.0.5".parse().unwrap()),
+                    port: 3306,
+                },
+            ),
+            (
+                "[2001:db8::5]:5432",
+                Target {
+                    host: Host::Ip("2001:db8::5".parse().unwrap()),
+                    port: 5432,
+                },
+            ),
+            (
+                "localhost:5432",
+                Target {
+                    host: Host::Name("localhost".into()),
+                    port: 5432,
+                },
+            ),
+        ];
+        for (text, want) in ok {
+            assert_eq!(&parse_target(text).unwrap(), want, "{text}");
+        }
+        for bad in [
+            "",
+            ":5432",
+            "db",
+            "db:",
+            "db:99999",
+            "2001:db8::5",
+            "[2001:db8::5]",
+            "a..b:1",
+            "-a.b:1",
+            "a b:1",
+        ] {
+            assert!(parse_target(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! [`App`]: binds every listener, then runs the roles, the admin endpoint,
+//! the DNS watchers, signals, the drain and the idle exit.
+//!
+//! Binding and running are separate steps so a start-up error (an address in
+//! use) is reported before anything serves, and so tests can bind port 0 and
+//! read the real addresses. Shutdown is one `CancellationToken` tree:
+//! `stop_accepting` closes the listeners, `cut` closes open connections,
+//! `background` stops the admin endpoint and the DNS watchers last.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admin::{self, Check, Health};
+use crate::config::{Config, Host};
+use crate::dns::{self, Watch};
+use crate::forward::{self, Forwarder};
+
+/// A start-up error: printed as is, then the process exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{file}: {table}: listen: cannot bind {addr}: {source} ({fix})")]
+    Bind {
+        file: String,
+        table: String,
+        addr: SocketAddr,
+        source: io::Error,
+        fix: &'static str,
+    },
+    #[error("{file}: [dns]: nameservers: {source}")]
+    Dns { file: String, source: dns::DnsError },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("cannot write the ready file {path}: {source} (check --ready-file's directory exists and is writable)")]
+    ReadyFile { path: String, source: io::Error },
+}
+
+/// Open connections across every role, for the idle exit.
+#[derive(Default)]
+pub struct Activity {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+/// Held by a connection while it is open.
+pub struct Open<'a>(&'a Activity);
+
+impl Activity {
+    /// Counts a connection as open until the guard drops.
+    pub fn enter(&self) -> Open<'_> {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        Open(self)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Returns once no connection has been open for `after`.
+    async fn idle_for(&self, after: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open() == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(after) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// What `--ready-file` holds: the real bound addresses.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadyInfo {
+    pub admin: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub forward: BTreeMap<String, String>,
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM/SIGINT, drained.
+    Signal,
+    /// A second signal during the drain: connections were cut at once.
+    SecondSignal,
+    /// `[daemon] idle_exit` ran out.
+    Idle,
+}
+
+/// The daemon with every listener bound.
+pub struct App {
+    config: Config,
+    admin: TcpListener,
+    forwards: Vec<Forwarder>,
+    watches: Vec<Watch>,
+    health: Arc<Health>,
+    activity: Arc<Activity>,
+    prometheus: PrometheusHandle,
+}
+
+impl App {
+    /// Resolvers, listeners, readiness: everything that can fail at start.
+    pub async fn bind(config: Config) -> Result<App, StartError> {
+        let prometheus = crate::metrics::install();
+        raise_nofile_limit();
+        let file = config.file.clone();
+        let activity = Arc::new(Activity::default());
+
+        let needs_resolver = config.forward.iter().any(|f| matches!(f.target.host, Host::Name(_)));
+        let resolver = if needs_resolver {
+            Some(dns::Resolver::new(&config.dns).map_err(|source| StartError::Dns {
+                file: file.clone(),
+                source,
+            })?)
+        } else {
+            None
+        };
+        // One watch per distinct name, shared by every route that targets it.
+        let mut watches: Vec<Watch> = Vec::new();
+        let mut watch_for = |host: &Host| -> Watch {
+            match (host, &resolver) {
+                (Host::Ip(ip), _) => Watch::fixed(*ip),
+                (Host::Name(name), Some(resolver)) => {
+                    if let Some(w) = watches.iter().find(|w| w.name() == name) {
+                        return w.clone();
+                    }
+                    let w = Watch::new(name, resolver.clone(), config.dns.min_ttl, config.dns.max_ttl);
+                    watches.push(w.clone());
+                    w
+                }
+                (Host::Name(_), None) => {
+                    unreachable!("a resolver is built whenever a target is a name")
+                }
+            }
+        };
+
+        let mut forwards = Vec::new();
+        for (i, route) in config.forward.iter().enumerate() {
+            let watch = watch_for(&route.target.host);
+            let f = Forwarder::bind(route.clone(), watch, activity.clone()).map_err(|source| StartError::Bind {
+                file: file.clone(),
+                table: format!("[[forward]] #{} {:?}", i + 1, route.name),
+                addr: route.listen,
+                fix: bind_fix(&source),
+                source,
+            })?;
+            forwards.push(f);
+        }
+        let admin = forward::bind_listener(config.admin.listen).map_err(|source| StartError::Bind {
+            file: file.clone(),
+            table: "[admin]".into(),
+            addr: config.admin.listen,
+            fix: bind_fix(&source),
+            source,
+        })?;
+
+        let parts: Vec<(String, Check)> = forwards
+            .iter()
+            .map(|f| (format!("forward/{}", f.name()), Box::new(f.readiness()) as Check))
+            .collect();
+        Ok(App {
+            config,
+            admin,
+            forwards,
+            watches,
+            health: Arc::new(Health::new(parts)),
+            activity,
+            prometheus,
+        })
+    }
+
+    /// The bound addresses, as `--ready-file` writes them.
+    pub fn ready_info(&self) -> ReadyInfo {
+        let addr = |r: io::Result<SocketAddr>| r.map_or_else(|e| format!("unknown: {e}"), |a| a.to_string());
+        ReadyInfo {
+            admin: addr(self.admin.local_addr()),
+            forward: self
+                .forwards
+                .iter()
+                .map(|f| (f.name().to_string(), addr(f.local_addr())))
+                .collect(),
+        }
+    }
+
+    /// Serves until a signal has drained the daemon or the idle exit fires.
+    /// `ready` runs once everything serves (writes the ready file, notifies
+    /// systemd); its error stops the daemon.
+    pub async fn run(self, ready: impl FnOnce(&ReadyInfo) -> Result<(), StartError>) -> Result<Exit, StartError> {
+        let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+        let info = self.ready_info();
+        let App {
+            config,
+            admin,
+            forwards,
+            watches,
+            health,
+            activity,
+            prometheus,
+        } = self;
+
+        let stop_accepting = CancellationToken::new();
+        let cut = CancellationToken::new();
+        let background = CancellationToken::new();
+        let conns = TaskTracker::new();
+        let tasks = TaskTracker::new();
+
+        for w in watches {
+            let span = info_span!("dns", name = %w.name());
+            tasks.spawn(w.run(background.clone()).instrument(span));
+        }
+        {
+            let (health, prometheus, stop) = (health.clone(), prometheus.clone(), background.clone());
+            tasks.spawn(async move {
+                if let Err(e) = admin::serve(admin, health, prometheus, stop).await {
+                    warn!(error = %e, "admin endpoint stopped");
+                }
+            });
+        }
+        {
+            let (prometheus, stop) = (prometheus.clone(), background.clone());
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => prometheus.run_upkeep(),
+                        () = stop.cancelled() => return,
+                    }
+                }
+            });
+        }
+        for f in forwards {
+            info!(route = %f.name(), listen = %f.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "forward route listening");
+            tasks.spawn(f.serve(stop_accepting.clone(), cut.clone(), conns.clone()));
+        }
+        info!(admin = %info.admin, parts = ?health.part_names().collect::<Vec<_>>(), "ready");
+        if let Err(e) = ready(&info) {
+            background.cancel();
+            stop_accepting.cancel();
+            return Err(e);
+        }
+
+        let idle_exit = config.daemon.idle_exit;
+        let idle = async {
+            match idle_exit {
+                Some(after) => activity.idle_for(after).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(idle);
+        let first = loop {
+            tokio::select! {
+                _ = term.recv() => break Exit::Signal,
+                _ = int.recv() => break Exit::Signal,
+                _ = hup.recv() => warn!("SIGHUP: reload is not built in this version yet; keeping the running config"),
+                () = &mut idle => break Exit::Idle,
+            }
+        };
+
+        let exit = match first {
+            Exit::Idle => {
+                info!(after = ?idle_exit.unwrap_or_default(), "no open connection for idle_exit: exiting");
+                stop_accepting.cancel();
+                Exit::Idle
+            }
+            _ => {
+                health.set_draining();
+                notify_systemd("STOPPING=1");
+                let (drain, grace) = (config.daemon.drain_delay, config.daemon.shutdown_grace);
+                info!(drain_delay = ?drain, shutdown_grace = ?grace, open = activity.open(),
+                    "signal: draining (/readyz is 503); still accepting for drain_delay");
+                let second = async {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                };
+                tokio::pin!(second);
+                let mut exit = Exit::Signal;
+                tokio::select! {
+                    () = tokio::time::sleep(drain) => {}
+                    () = &mut second => exit = Exit::SecondSignal,
+                }
+                stop_accepting.cancel();
+                conns.close();
+                if exit == Exit::Signal {
+                    info!(
+                        open = activity.open(),
+                        "stopped accepting; waiting for open connections"
+                    );
+                    tokio::select! {
+                        () = conns.wait() => info!("all connections closed"),
+                        () = tokio::time::sleep(grace) => {
+                            warn!(open = activity.open(), shutdown_grace = ?grace, "shutdown_grace ran out: closing the connections still open");
+                        }
+                        () = &mut second => exit = Exit::SecondSignal,
+                    }
+                }
+                if exit == Exit::SecondSignal {
+                    warn!(
+                        open = activity.open(),
+                        "second signal: exiting now, cutting open connections"
+                    );
+                }
+                exit
+            }
+        };
+        cut.cancel();
+        if exit != Exit::SecondSignal {
+            // Connections close at once once cut; bounded anyway.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
+        }
+        background.cancel();
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        debug!(?exit, "run finished");
+        Ok(exit)
+    }
+}
+
+fn bind_fix(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "another process holds this address: stop it or pick another port",
+        io::ErrorKind::AddrNotAvailable => "this machine has no such address: use 0.0.0.0 or one of its own addresses",
+        io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need CAP_NET_BIND_SERVICE: grant it or pick a port >= 1024"
+        }
+        _ => "check the address",
+    }
+}
+
+/// Raises the soft open-file limit to the hard one and logs both: each
+/// relayed connection holds two sockets.
+pub fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(soft_was = soft, soft = hard, hard, "raised the open-file limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok((soft, hard)) => info!(soft, hard, connections_fit = soft / 2, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// Writes the ready file atomically (temp file + rename).
+pub fn write_ready_file(path: &Path, info: &ReadyInfo) -> io::Result<()> {
+    let json = serde_json::to_vec(info).map_err(io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// sd_notify(3) without libsystemd: one datagram to `$NOTIFY_SOCKET`.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let send = || -> io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)?;
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = name;
+        } else {
+            sock.send_to(state.as_bytes(), &path)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = send() {
+        warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_exit_waits_for_the_last_connection() {
+        let activity = Arc::new(Activity::default());
+        let open = activity.enter();
+        let a = activity.clone();
+        let idle = tokio::spawn(async move { a.idle_for(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!idle.is_finished(), "no idle exit while a connection is open");
+        drop(open);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(
+            !idle.is_finished(),
+            "not before idle_exit has passed since the last close"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(idle.is_finished(), "exits once idle_exit has passed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_resets_the_idle_timer() {
+        let activity = Arc::new(Activity::default());
+        let a = activity.clone();
+        let idle = tokio::spawn(async move { a.idle_for(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        drop(activity.enter());
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(!idle.is_finished(), "the timer restarted at the last close");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(idle.is_finished());
+    }
+
+    #[test]
+    fn ready_file_is_json_with_real_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ready.json");
+        let info = ReadyInfo {
+            admin: "127.0.0.1:9090".into(),
+            forward: [("rds".to_string(), "0.0.0.0:15432".to_string())].into(),
+        };
+        write_ready_file(&path, &info).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, r#"{"admin":"127.0.0.1:9090","forward":{"rds":"0.0.0.0:15432"}}"#);
+    }
+}

@@ -1,0 +1,375 @@
+//! The one place names are resolved and watched.
+//!
+//! A [`Watch`] holds the current answer for one name in a `watch` channel and
+//! re-resolves it when the answer's TTL runs out, clamped to
+//! `[min_ttl, max_ttl]`. A failed lookup keeps the last good answer
+//! (serve-stale), is counted, and is retried with a backoff from `min_ttl`
+//! up to `max_ttl`. A caller whose connects all failed can ask for an
+//! immediate re-resolve ([`Watch::refresh_now`]), granted at most once per
+//! `min_ttl` so a refusing upstream cannot turn into a DNS flood.
+//!
+//! Roles read answers from here; they never resolve names themselves.
+//! hickory's own cache is off (size 0, and cleared before each lookup): this
+//! module is the cache, and a forced re-resolve must reach the server.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{LookupIpStrategy, ResolverOpts};
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use metrics::Counter;
+use tokio::sync::{Mutex, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::DnsConfig;
+use crate::metrics as m;
+
+/// hickory's default is 5 s x 2 attempts: a connect that waits on a forced
+/// re-resolve should not wait that long (hickory-resolver 0.26.3 config.rs
+/// `default_timeout`). See docs/dependency-defaults.md.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+const LOOKUP_ATTEMPTS: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot read the system resolver config: {0} (set [dns] nameservers = [\"10.0.0.2:53\"])")]
+    SystemConfig(String),
+    #[error("cannot build the resolver: {0}")]
+    Build(String),
+}
+
+/// A resolver shared by every watched name.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: TokioResolver,
+}
+
+impl Resolver {
+    /// From `[dns] nameservers`, or from the system config when that is empty.
+    pub fn new(config: &DnsConfig) -> Result<Resolver, DnsError> {
+        let mut builder = if config.nameservers.is_empty() {
+            TokioResolver::builder_tokio().map_err(|e| DnsError::SystemConfig(e.to_string()))?
+        } else {
+            let servers = config
+                .nameservers
+                .iter()
+                .map(|addr| {
+                    let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+                    for conn in &mut ns.connections {
+                        conn.port = addr.port();
+                    }
+                    ns
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, vec![], servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let opts: &mut ResolverOpts = builder.options_mut();
+        // This module caches; hickory's cache would answer a forced re-resolve
+        // with the stale record.
+        opts.cache_size = 0;
+        // hickory's default is Ipv6AndIpv4 (AAAA first): databases in a VPC are
+        // mostly reached over IPv4, and an unroutable AAAA first would cost a
+        // connect_timeout on every connection.
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        opts.timeout = LOOKUP_TIMEOUT;
+        opts.attempts = LOOKUP_ATTEMPTS;
+        let inner = builder.build().map_err(|e| DnsError::Build(e.to_string()))?;
+        Ok(Resolver { inner })
+    }
+
+    /// One lookup of A and AAAA: the addresses in answer order and their TTL.
+    pub async fn lookup(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), String> {
+        self.inner.clear_cache();
+        let budget = LOOKUP_TIMEOUT * LOOKUP_ATTEMPTS as u32 + Duration::from_secs(1);
+        let lookup = match tokio::time::timeout(budget, self.inner.lookup_ip(name)).await {
+            Ok(Ok(lookup)) => lookup,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no answer within {budget:?}")),
+        };
+        let ttl = lookup
+            .valid_until()
+            .saturating_duration_since(std::time::Instant::now());
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        for ip in lookup.iter() {
+            if !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
+        if addrs.is_empty() {
+            return Err("the answer holds no address".into());
+        }
+        Ok((addrs, ttl))
+    }
+}
+
+/// The current answer for a name.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// Addresses in the order DNS gave them; empty until the first good answer.
+    pub addrs: Arc<[IpAddr]>,
+    /// Why the last lookup failed, while it keeps failing.
+    pub error: Option<Arc<str>>,
+}
+
+/// A watched name (or a fixed IP literal, which never changes).
+#[derive(Clone)]
+pub struct Watch {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    resolver: Option<Resolver>,
+    tx: watch::Sender<Answer>,
+    state: Mutex<State>,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    ok: Counter,
+    failed: Counter,
+    changes: Counter,
+}
+
+struct State {
+    /// When the last lookup started (`None`: never).
+    last: Option<Instant>,
+    /// When the background loop should look up next.
+    next_due: Instant,
+    /// Failures in a row, for the backoff.
+    failures: u32,
+}
+
+impl Watch {
+    /// An IP literal: always that one address, no lookups.
+    pub fn fixed(ip: IpAddr) -> Watch {
+        let (tx, _) = watch::channel(Answer {
+            addrs: Arc::from([ip]),
+            error: None,
+        });
+        Watch::build(ip.to_string(), None, tx, Duration::ZERO, Duration::ZERO)
+    }
+
+    /// A name resolved by `resolver`; nothing happens until [`Watch::run`] runs.
+    pub fn new(name: &str, resolver: Resolver, min_ttl: Duration, max_ttl: Duration) -> Watch {
+        let (tx, _) = watch::channel(Answer::default());
+        Watch::build(name.to_string(), Some(resolver), tx, min_ttl, max_ttl)
+    }
+
+    fn build(
+        name: String,
+        resolver: Option<Resolver>,
+        tx: watch::Sender<Answer>,
+        min_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Watch {
+        let label =
+            |result: &'static str| metrics::counter!(m::DNS_LOOKUPS, "name" => name.clone(), "result" => result);
+        let (ok, failed) = (label("ok"), label("error"));
+        let changes = metrics::counter!(m::DNS_CHANGES, "name" => name.clone());
+        Watch {
+            inner: Arc::new(Inner {
+                name,
+                resolver,
+                tx,
+                state: Mutex::new(State {
+                    last: None,
+                    next_due: Instant::now(),
+                    failures: 0,
+                }),
+                min_ttl,
+                max_ttl,
+                ok,
+                failed,
+                changes,
+            }),
+        }
+    }
+
+    /// The watched name (or the IP literal).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Whether this is a name that is looked up (not an IP literal).
+    pub fn is_dynamic(&self) -> bool {
+        self.inner.resolver.is_some()
+    }
+
+    /// The addresses to use now (empty before the first good answer).
+    pub fn current(&self) -> Arc<[IpAddr]> {
+        self.inner.tx.borrow().addrs.clone()
+    }
+
+    /// The whole current answer, with the last error if lookups are failing.
+    pub fn answer(&self) -> Answer {
+        self.inner.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the address set.
+    pub fn subscribe(&self) -> watch::Receiver<Answer> {
+        self.inner.tx.subscribe()
+    }
+
+    /// Re-resolves now unless a lookup started less than `min_ttl` ago, and
+    /// returns the addresses to use. Callers whose connects all failed use it
+    /// so a client sees no failed connect when DNS has already moved.
+    pub async fn refresh_now(&self) -> Arc<[IpAddr]> {
+        if let Some(resolver) = &self.inner.resolver {
+            let mut state = self.inner.state.lock().await;
+            let recent = state.last.is_some_and(|t| t.elapsed() < self.inner.min_ttl);
+            if !recent {
+                debug!(name = %self.inner.name, "re-resolving at once after failed connects");
+                self.inner.lookup(resolver, &mut state).await;
+            }
+        }
+        self.current()
+    }
+
+    /// Resolves at start, then whenever the answer's TTL runs out, until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let Some(resolver) = &self.inner.resolver else {
+            return;
+        };
+        loop {
+            let due = self.inner.state.lock().await.next_due;
+            tokio::select! {
+                () = tokio::time::sleep_until(due) => {}
+                () = stop.cancelled() => return,
+            }
+            let mut state = self.inner.state.lock().await;
+            // A forced refresh may have moved the schedule while we slept.
+            if Instant::now() < state.next_due {
+                continue;
+            }
+            self.inner.lookup(resolver, &mut state).await;
+        }
+    }
+}
+
+impl Inner {
+    async fn lookup(&self, resolver: &Resolver, state: &mut State) {
+        let started = Instant::now();
+        state.last = Some(started);
+        match resolver.lookup(&self.name).await {
+            Ok((addrs, ttl)) => {
+                self.ok.increment(1);
+                state.failures = 0;
+                let wait = ttl.clamp(self.min_ttl, self.max_ttl);
+                state.next_due = started + wait;
+                debug!(name = %self.name, addrs = ?addrs, ttl = ?ttl, next_in = ?wait, "resolved");
+                self.publish(addrs);
+            }
+            Err(why) => {
+                self.failed.increment(1);
+                state.failures = state.failures.saturating_add(1);
+                let backoff = self
+                    .min_ttl
+                    .saturating_mul(1 << (state.failures - 1).min(16))
+                    .min(self.max_ttl);
+                state.next_due = Instant::now() + backoff;
+                let why: Arc<str> = Arc::from(why);
+                let mut serving = Vec::new();
+                self.tx.send_modify(|a| {
+                    a.error = Some(why.clone());
+                    serving = a.addrs.to_vec();
+                });
+                warn!(name = %self.name, error = %why, serving = ?serving, retry_in = ?backoff,
+                    "dns lookup failed; keeping the last good answer");
+            }
+        }
+    }
+
+    /// Publishes a good answer; a change of the address *set* is audited and
+    /// counted (a reordered round-robin answer is not a change).
+    fn publish(&self, addrs: Vec<IpAddr>) {
+        let new: Arc<[IpAddr]> = Arc::from(addrs);
+        let mut old: Option<Arc<[IpAddr]>> = None;
+        self.tx.send_if_modified(|a| {
+            let had_error = a.error.take().is_some();
+            if same_set(&a.addrs, &new) {
+                // Keep the answer's order fresh without waking subscribers.
+                a.addrs = new.clone();
+                return had_error;
+            }
+            old = Some(std::mem::replace(&mut a.addrs, new.clone()));
+            true
+        });
+        match old {
+            Some(old) if old.is_empty() => {
+                info!(name = %self.name, addrs = ?new, "first answer");
+            }
+            Some(old) => {
+                self.changes.increment(1);
+                info!(target: "audit", event = "dns_change", name = %self.name, old = ?old, new = ?new);
+            }
+            None => {}
+        }
+    }
+}
+
+fn same_set(a: &[IpAddr], b: &[IpAddr]) -> bool {
+    a.len() == b.len() && a.iter().all(|ip| b.contains(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn set_comparison_ignores_order() {
+        let cases: &[(&[&str], &[&str], bool)] = &[
+            (&["10.0.0.1", "10.0.0.2"], &["10.0.0.2", "10.0.0.1"], true),
+            (&["10.0.0.1"], &["10.0.0.1"], true),
+            (&["10.0.0.1"], &["10.0.0.2"], false),
+            (&["10.0.0.1", "10.0.0.2"], &["10.0.0.1"], false),
+            (&[], &["10.0.0.1"], false),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(same_set(&ips(a), &ips(b)), *want, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn publish_counts_only_real_changes() {
+        let (tx, _) = watch::channel(Answer::default());
+        let w = Watch::build(
+            "db.example".into(),
+            None,
+            tx,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        );
+        let mut rx = w.subscribe();
+        w.inner.publish(ips(&["10.0.0.1", "10.0.0.2"]));
+        assert!(rx.has_changed().unwrap(), "first answer wakes subscribers");
+        rx.borrow_and_update();
+        w.inner.publish(ips(&["10.0.0.2", "10.0.0.1"]));
+        assert!(!rx.has_changed().unwrap(), "a reordered answer is not a change");
+        assert_eq!(
+            &*w.current(),
+            &ips(&["10.0.0.2", "10.0.0.1"])[..],
+            "but the new order is served"
+        );
+        w.inner.publish(ips(&["10.0.0.3"]));
+        assert!(rx.has_changed().unwrap(), "a new set wakes subscribers");
+        assert_eq!(&*w.current(), &ips(&["10.0.0.3"])[..]);
+    }
+
+    #[test]
+    fn fixed_watch_has_its_address() {
+        let w = Watch::fixed("192.0.2.7".parse().unwrap());
+        assert!(!w.is_dynamic());
+        assert_eq!(&*w.current(), &ips(&["192.0.2.7"])[..]);
+    }
+}

@@ -1,0 +1,265 @@
+//! One [`Forwarder`] per `[[forward]]` route: accept, connect to the
+//! target's current address, relay, count, audit.
+//!
+//! The route reads its target's addresses from a [`dns::Watch`] at each
+//! connect, so new connections follow DNS at once. When every current
+//! address refuses, it asks the watch for an immediate re-resolve and tries
+//! the fresh answer before giving up: during a failover the client sees no
+//! failed connect once DNS has moved. With `on_change = "close"` a connection
+//! whose upstream address leaves the answer is closed as soon as the change
+//! is seen.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::{ForwardConfig, OnChange};
+use crate::daemon::Activity;
+use crate::dns::{Answer, Watch};
+use crate::metrics as m;
+use crate::relay::{self, Meter};
+
+/// Accept queue length asked for; the kernel caps it at `net.core.somaxconn`
+/// (4096 on current kernels). tokio's `TcpListener::bind` asks for 1024.
+const LISTEN_BACKLOG: u32 = 4096;
+/// Pause after an accept error such as EMFILE, so a full descriptor table
+/// does not turn the accept loop into a busy loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A bound forward route, not serving yet.
+pub struct Forwarder {
+    listener: TcpListener,
+    route: Arc<Route>,
+}
+
+/// What each connection of a route shares.
+struct Route {
+    config: ForwardConfig,
+    watch: Watch,
+    metrics: RouteMetrics,
+    activity: Arc<Activity>,
+}
+
+struct RouteMetrics {
+    ok: Counter,
+    connect_failed: Counter,
+    active: Gauge,
+    up: Counter,
+    down: Counter,
+    connect_seconds: Histogram,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> RouteMetrics {
+        let result =
+            |r: &'static str| metrics::counter!(m::FORWARD_CONNECTIONS, "route" => route.to_string(), "result" => r);
+        let bytes = |d: &'static str| metrics::counter!(m::RELAY_BYTES, "role" => "forward", "name" => route.to_string(), "direction" => d);
+        RouteMetrics {
+            ok: result("ok"),
+            connect_failed: result("connect_failed"),
+            active: metrics::gauge!(m::FORWARD_ACTIVE, "route" => route.to_string()),
+            up: bytes("up"),
+            down: bytes("down"),
+            connect_seconds: metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS, "role" => "forward"),
+        }
+    }
+}
+
+/// Binds `addr` with a deliberate backlog (and SO_REUSEADDR, so a restart
+/// is not refused by connections in TIME_WAIT).
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+impl Forwarder {
+    /// Binds the route's listener; the error is the bind's.
+    pub fn bind(config: ForwardConfig, watch: Watch, activity: Arc<Activity>) -> io::Result<Forwarder> {
+        let listener = bind_listener(config.listen)?;
+        let metrics = RouteMetrics::new(&config.name);
+        Ok(Forwarder {
+            listener,
+            route: Arc::new(Route {
+                config,
+                watch,
+                metrics,
+                activity,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.route.config.name
+    }
+
+    /// The bound address (the real port when the config said port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Readiness: bound (always, once this exists) and an address to send to.
+    pub fn readiness(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let route = self.route.clone();
+        move || {
+            let answer = route.watch.answer();
+            if !answer.addrs.is_empty() {
+                return Ok(());
+            }
+            let name = &route.config.name;
+            match answer.error {
+                Some(e) => Err(format!("forward {name:?}: no address yet: {e}")),
+                None => Err(format!("forward {name:?}: no address yet")),
+            }
+        }
+    }
+
+    /// Accepts until `stop` fires, then closes the listener (new connections
+    /// are refused). Each connection is tracked by `conns` for the drain and
+    /// closed when `cut` fires.
+    pub async fn serve(self, stop: CancellationToken, cut: CancellationToken, conns: TaskTracker) {
+        let Forwarder { listener, route } = self;
+        loop {
+            let (client, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        warn!(route = %route.config.name, error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                },
+                () = stop.cancelled() => break,
+            };
+            let span = info_span!("forward", route = %route.config.name, %peer);
+            conns.spawn(route.clone().connection(client, peer, cut.clone()).instrument(span));
+        }
+        debug!(route = %route.config.name, "stopped accepting");
+    }
+}
+
+impl Route {
+    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, cut: CancellationToken) {
+        let _open = self.activity.enter();
+        let started = Instant::now();
+        // Database protocols are request/response: no Nagle delay on either side.
+        let _ = client.set_nodelay(true);
+        let upstream = tokio::select! {
+            r = self.connect() => r,
+            () = cut.cancelled() => return,
+        };
+        let upstream = match upstream {
+            Ok(s) => s,
+            Err(why) => {
+                self.metrics.connect_failed.increment(1);
+                warn!(target = %self.config.target, error = %why, "connect failed; closing the client");
+                return;
+            }
+        };
+        self.metrics.connect_seconds.record(started.elapsed().as_secs_f64());
+        self.metrics.ok.increment(1);
+        let _ = upstream.set_nodelay(true);
+        let upstream_addr = upstream.peer_addr().ok();
+        info!(target: "audit", event = "forward_open", route = %self.config.name, client = %peer,
+            upstream = %display_addr(upstream_addr));
+
+        self.metrics.active.increment(1.0);
+        let meter = Meter::new(self.metrics.up.clone(), self.metrics.down.clone());
+        let left = match (self.config.on_change, upstream_addr) {
+            (OnChange::Close, Some(addr)) => Some((self.watch.subscribe(), addr.ip())),
+            _ => None,
+        };
+        let reason = tokio::select! {
+            r = relay::tcp(&client, &upstream, &meter) => match r {
+                Ok(()) => "closed".to_string(),
+                Err(e) => format!("{} error: {}", e.side.as_str(), e.source),
+            },
+            () = cut.cancelled() => "shutdown".to_string(),
+            () = address_left(left) => "upstream address left the DNS answer".to_string(),
+        };
+        self.metrics.active.decrement(1.0);
+        let (up, down) = meter.bytes();
+        info!(target: "audit", event = "forward_close", route = %self.config.name, client = %peer,
+            upstream = %display_addr(upstream_addr), bytes_up = up, bytes_down = down,
+            duration_ms = started.elapsed().as_millis() as u64, reason = %reason);
+    }
+
+    /// Tries each current address in turn; if all fail, re-resolves once
+    /// (rate-limited by the watch) and tries the addresses that are new.
+    async fn connect(&self) -> Result<TcpStream, String> {
+        let port = self.config.target.port;
+        let mut tried: Vec<IpAddr> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        let first = self.watch.current();
+        for &ip in first.iter() {
+            tried.push(ip);
+            match self.connect_one(SocketAddr::new(ip, port)).await {
+                Ok(s) => return Ok(s),
+                Err(e) => errors.push(e),
+            }
+        }
+        if self.watch.is_dynamic() {
+            let fresh = self.watch.refresh_now().await;
+            let new: Vec<IpAddr> = fresh.iter().copied().filter(|ip| !tried.contains(ip)).collect();
+            for ip in new {
+                match self.connect_one(SocketAddr::new(ip, port)).await {
+                    Ok(s) => {
+                        info!(upstream = %SocketAddr::new(ip, port), "connected after re-resolving");
+                        return Ok(s);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if errors.is_empty() {
+            let answer = self.watch.answer();
+            return Err(match answer.error {
+                Some(e) => format!("no address for {}: {e}", self.watch.name()),
+                None => format!("no address for {} yet", self.watch.name()),
+            });
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn connect_one(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(format!("{addr}: {e}")),
+            Err(_) => Err(format!("{addr}: no answer within {:?}", self.config.connect_timeout)),
+        }
+    }
+}
+
+/// Resolves when `ip` is no longer in a (non-empty) answer; never when `None`.
+async fn address_left(watch: Option<(watch::Receiver<Answer>, IpAddr)>) {
+    let Some((mut rx, ip)) = watch else {
+        return std::future::pending().await;
+    };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let answer = rx.borrow_and_update();
+        if !answer.addrs.is_empty() && !answer.addrs.contains(&ip) {
+            info!(upstream = %ip, now = ?answer.addrs, "closing: upstream address left the DNS answer");
+            return;
+        }
+    }
+}
+
+fn display_addr(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "unknown".to_string(), |a| a.to_string())
+}
