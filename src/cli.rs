@@ -159,9 +159,10 @@ fn check(path: &Path) -> ExitCode {
                             format!("cannot resolve: {e}")
                         }
                         Ok(r) => match r.lookup(name).await {
-                            Ok((addrs, ttl)) => {
-                                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-                                format!("resolves to {} (ttl {}s)", list.join(", "), ttl.as_secs())
+                            Ok(resolved) => {
+                                let addrs = resolved.v4.iter().chain(resolved.v6.iter()).flatten();
+                                let list: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                                format!("resolves to {} (ttl {}s)", list.join(", "), resolved.ttl.as_secs())
                             }
                             Err(e) => {
                                 warnings += 1;

@@ -334,6 +334,7 @@ impl App {
             }
         };
         cut.cancel();
+        conns.close();
         if exit != Exit::SecondSignal {
             // Connections close at once once cut; bounded anyway.
             let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;

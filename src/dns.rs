@@ -20,6 +20,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{LookupIpStrategy, ResolverOpts};
 use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError as DnsError_, NetError};
 use metrics::Counter;
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
@@ -33,7 +34,7 @@ use crate::metrics as m;
 /// re-resolve should not wait that long (hickory-resolver 0.26.3 config.rs
 /// `default_timeout`). See docs/dependency-defaults.md.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-const LOOKUP_ATTEMPTS: usize = 2;
+const LOOKUP_ATTEMPTS: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
@@ -43,70 +44,154 @@ pub enum DnsError {
     Build(String),
 }
 
-/// A resolver shared by every watched name.
+/// A resolver shared by every watched name: one hickory resolver per address
+/// family, so a failing AAAA query never looks like "the IPv6 addresses left"
+/// (hickory's `lookup_ip` returns Ok when one family fails: hickory-resolver
+/// 0.26.3 `lookup_ip.rs` 285-288).
 #[derive(Clone)]
 pub struct Resolver {
-    inner: TokioResolver,
+    v4: TokioResolver,
+    v6: TokioResolver,
+}
+
+/// The outcome of one lookup of both families.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// None: this family's query failed (keep its last good addresses).
+    pub v4: Option<Vec<IpAddr>>,
+    pub v6: Option<Vec<IpAddr>>,
+    /// The shortest TTL among the answers that came back.
+    pub ttl: Duration,
+}
+
+/// A lookup that produced nothing usable: `label` is the metric's `result`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{label}: {message}")]
+pub struct LookupError {
+    pub label: &'static str,
+    pub message: String,
 }
 
 impl Resolver {
     /// From `[dns] nameservers`, or from the system config when that is empty.
     pub fn new(config: &DnsConfig) -> Result<Resolver, DnsError> {
-        let mut builder = if config.nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| DnsError::SystemConfig(e.to_string()))?
-        } else {
-            let servers = config
-                .nameservers
-                .iter()
-                .map(|addr| {
-                    let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-                    for conn in &mut ns.connections {
-                        conn.port = addr.port();
-                    }
-                    ns
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        let opts: &mut ResolverOpts = builder.options_mut();
-        // This module caches; hickory's cache would answer a forced re-resolve
-        // with the stale record.
-        opts.cache_size = 0;
-        // hickory's default is Ipv6AndIpv4 (AAAA first): databases in a VPC are
-        // mostly reached over IPv4, and an unroutable AAAA first would cost a
-        // connect_timeout on every connection.
-        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        opts.timeout = LOOKUP_TIMEOUT;
-        opts.attempts = LOOKUP_ATTEMPTS;
-        let inner = builder.build().map_err(|e| DnsError::Build(e.to_string()))?;
-        Ok(Resolver { inner })
+        Ok(Resolver {
+            v4: build(config, LookupIpStrategy::Ipv4Only)?,
+            v6: build(config, LookupIpStrategy::Ipv6Only)?,
+        })
     }
 
-    /// One lookup of A and AAAA: the addresses in answer order and their TTL.
-    pub async fn lookup(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), String> {
-        self.inner.clear_cache();
-        let budget = LOOKUP_TIMEOUT * LOOKUP_ATTEMPTS as u32 + Duration::from_secs(1);
-        let lookup = match tokio::time::timeout(budget, self.inner.lookup_ip(name)).await {
-            Ok(Ok(lookup)) => lookup,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("no answer within {budget:?}")),
+    /// One lookup of A and AAAA, concurrently.
+    pub async fn lookup(&self, name: &str) -> Result<Resolved, LookupError> {
+        // A dotted name is absolute: no search-domain walk on failure (and no
+        // wildcard in a search domain answering for the wrong host).
+        let query = if name.contains('.') && !name.ends_with('.') {
+            format!("{name}.")
+        } else {
+            name.to_string()
         };
-        let ttl = lookup
-            .valid_until()
-            .saturating_duration_since(std::time::Instant::now());
-        let mut addrs: Vec<IpAddr> = Vec::new();
-        for ip in lookup.iter() {
-            if !addrs.contains(&ip) {
-                addrs.push(ip);
+        let (v4, v6) = tokio::join!(family(&self.v4, &query), family(&self.v6, &query));
+        combine(v4, v6)
+    }
+}
+
+fn build(config: &DnsConfig, strategy: LookupIpStrategy) -> Result<TokioResolver, DnsError> {
+    let mut builder = if config.nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| DnsError::SystemConfig(e.to_string()))?
+    } else {
+        let servers = config
+            .nameservers
+            .iter()
+            .map(|addr| {
+                let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+                for conn in &mut ns.connections {
+                    conn.port = addr.port();
+                }
+                ns
+            })
+            .collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    // Set after builder_tokio(), which loads resolv.conf's options.
+    let opts: &mut ResolverOpts = builder.options_mut();
+    // This module caches; hickory's cache would answer a forced re-resolve
+    // with the stale record.
+    opts.cache_size = 0;
+    opts.ip_strategy = strategy;
+    opts.timeout = LOOKUP_TIMEOUT;
+    opts.attempts = LOOKUP_ATTEMPTS;
+    builder.build().map_err(|e| DnsError::Build(e.to_string()))
+}
+
+/// One family: Ok(Some(addrs, ttl)), Ok(None) when the name has no such
+/// records, Err when the query failed.
+async fn family(resolver: &TokioResolver, query: &str) -> Result<Option<(Vec<IpAddr>, Duration)>, LookupError> {
+    let budget = LOOKUP_TIMEOUT * (LOOKUP_ATTEMPTS as u32 + 1) + Duration::from_secs(1);
+    resolver.clear_cache();
+    match tokio::time::timeout(budget, resolver.lookup_ip(query)).await {
+        Ok(Ok(lookup)) => {
+            let ttl = lookup
+                .valid_until()
+                .saturating_duration_since(std::time::Instant::now());
+            let mut addrs: Vec<IpAddr> = Vec::new();
+            for ip in lookup.iter() {
+                if !addrs.contains(&ip) {
+                    addrs.push(ip);
+                }
             }
+            Ok(if addrs.is_empty() { None } else { Some((addrs, ttl)) })
         }
-        if addrs.is_empty() {
-            return Err("the answer holds no address".into());
+        Ok(Err(e)) if e.is_no_records_found() => Ok(None),
+        Ok(Err(e)) => Err(LookupError {
+            label: error_label(&e),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(LookupError {
+            label: "timeout",
+            message: format!("no answer within {budget:?}"),
+        }),
+    }
+}
+
+/// Errors by variant, never by text (docs/dependency-defaults.md). A refused
+/// UDP query shows up as a timeout: the socket is never connected.
+fn error_label(e: &NetError) -> &'static str {
+    match e {
+        NetError::Timeout => "timeout",
+        NetError::Dns(DnsError_::ResponseCode(_)) => "servfail",
+        _ => "error",
+    }
+}
+
+type Family = Result<Option<(Vec<IpAddr>, Duration)>, LookupError>;
+
+/// Both families into one result: a failed family is `None` (keep its old
+/// addresses) as long as the other answered; both failing, or neither having
+/// records, is an error (serve-stale).
+fn combine(v4: Family, v6: Family) -> Result<Resolved, LookupError> {
+    match (v4, v6) {
+        (Err(e), Err(_)) => Err(e),
+        (Ok(None), Ok(None)) => Err(LookupError {
+            label: "nxdomain",
+            message: "the name has no A or AAAA records".into(),
+        }),
+        (Err(e), Ok(None)) | (Ok(None), Err(e)) => Err(e),
+        (v4, v6) => {
+            let ttl = [&v4, &v6]
+                .iter()
+                .filter_map(|f| f.as_ref().ok().and_then(|o| o.as_ref()).map(|(_, t)| *t))
+                .min()
+                .unwrap_or_default();
+            let addrs = |f: Family| f.ok().map(|o| o.map(|(a, _)| a).unwrap_or_default());
+            Ok(Resolved {
+                v4: addrs(v4),
+                v6: addrs(v6),
+                ttl,
+            })
         }
-        Ok((addrs, ttl))
     }
 }
 
@@ -132,8 +217,8 @@ struct Inner {
     state: Mutex<State>,
     min_ttl: Duration,
     max_ttl: Duration,
-    ok: Counter,
-    failed: Counter,
+    /// One counter per entry of [`LOOKUP_RESULTS`].
+    results: Vec<Counter>,
     changes: Counter,
 }
 
@@ -169,9 +254,10 @@ impl Watch {
         min_ttl: Duration,
         max_ttl: Duration,
     ) -> Watch {
-        let label =
-            |result: &'static str| metrics::counter!(m::DNS_LOOKUPS, "name" => name.clone(), "result" => result);
-        let (ok, failed) = (label("ok"), label("error"));
+        let results = LOOKUP_RESULTS
+            .iter()
+            .map(|&result| metrics::counter!(m::DNS_LOOKUPS, "name" => name.clone(), "result" => result))
+            .collect();
         let changes = metrics::counter!(m::DNS_CHANGES, "name" => name.clone());
         Watch {
             inner: Arc::new(Inner {
@@ -185,8 +271,7 @@ impl Watch {
                 }),
                 min_ttl,
                 max_ttl,
-                ok,
-                failed,
+                results,
                 changes,
             }),
         }
@@ -258,23 +343,24 @@ impl Inner {
         let started = Instant::now();
         state.last = Some(started);
         match resolver.lookup(&self.name).await {
-            Ok((addrs, ttl)) => {
-                self.ok.increment(1);
+            Ok(resolved) => {
+                self.count("ok");
                 state.failures = 0;
-                let wait = ttl.clamp(self.min_ttl, self.max_ttl);
+                let wait = resolved.ttl.clamp(self.min_ttl, self.max_ttl);
                 state.next_due = started + wait;
-                debug!(name = %self.name, addrs = ?addrs, ttl = ?ttl, next_in = ?wait, "resolved");
+                let addrs = merge(&self.tx.borrow().addrs, &resolved);
+                debug!(name = %self.name, ?resolved, next_in = ?wait, "resolved");
                 self.publish(addrs);
             }
-            Err(why) => {
-                self.failed.increment(1);
+            Err(e) => {
+                self.count(e.label);
                 state.failures = state.failures.saturating_add(1);
                 let backoff = self
                     .min_ttl
                     .saturating_mul(1 << (state.failures - 1).min(16))
                     .min(self.max_ttl);
                 state.next_due = Instant::now() + backoff;
-                let why: Arc<str> = Arc::from(why);
+                let why: Arc<str> = Arc::from(format!("{}: {}", e.label, e.message));
                 let mut serving = Vec::new();
                 self.tx.send_modify(|a| {
                     a.error = Some(why.clone());
@@ -283,6 +369,12 @@ impl Inner {
                 warn!(name = %self.name, error = %why, serving = ?serving, retry_in = ?backoff,
                     "dns lookup failed; keeping the last good answer");
             }
+        }
+    }
+
+    fn count(&self, label: &str) {
+        if let Some(i) = LOOKUP_RESULTS.iter().position(|l| *l == label) {
+            self.results[i].increment(1);
         }
     }
 
@@ -312,6 +404,24 @@ impl Inner {
             None => {}
         }
     }
+}
+
+/// The `result` label values of `jumpgate_dns_lookups_total`.
+pub const LOOKUP_RESULTS: [&str; 5] = ["ok", "nxdomain", "servfail", "timeout", "error"];
+
+/// The new address list: each family from this lookup, or, where that
+/// family's query failed, its addresses from the previous answer. IPv4 first.
+fn merge(previous: &[IpAddr], resolved: &Resolved) -> Vec<IpAddr> {
+    let keep = |v6: bool| {
+        previous
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .collect::<Vec<_>>()
+    };
+    let mut out = resolved.v4.clone().unwrap_or_else(|| keep(false));
+    out.extend(resolved.v6.clone().unwrap_or_else(|| keep(true)));
+    out
 }
 
 fn same_set(a: &[IpAddr], b: &[IpAddr]) -> bool {
@@ -364,6 +474,58 @@ mod tests {
         w.inner.publish(ips(&["10.0.0.3"]));
         assert!(rx.has_changed().unwrap(), "a new set wakes subscribers");
         assert_eq!(&*w.current(), &ips(&["10.0.0.3"])[..]);
+    }
+
+    fn fam(addrs: &[&str], ttl: u64) -> Family {
+        Ok(Some((ips(addrs), Duration::from_secs(ttl))))
+    }
+    fn failed(label: &'static str) -> Family {
+        Err(LookupError {
+            label,
+            message: "x".into(),
+        })
+    }
+
+    #[test]
+    fn families_combine_and_a_failed_family_keeps_its_old_addresses() {
+        let prev = ips(&["10.0.0.1", "2001:db8::1"]);
+        // (v4, v6) -> Ok(merged addresses, ttl) or Err(label)
+        type Want = Result<(Vec<IpAddr>, u64), &'static str>;
+        let cases: Vec<(&str, Family, Family, Want)> = vec![
+            (
+                "both answer",
+                fam(&["10.0.0.2"], 5),
+                fam(&["2001:db8::2"], 3),
+                Ok((ips(&["10.0.0.2", "2001:db8::2"]), 3)),
+            ),
+            (
+                "v4 only, no AAAA",
+                fam(&["10.0.0.2"], 5),
+                Ok(None),
+                Ok((ips(&["10.0.0.2"]), 5)),
+            ),
+            (
+                "AAAA query failed",
+                fam(&["10.0.0.2"], 5),
+                failed("timeout"),
+                Ok((ips(&["10.0.0.2", "2001:db8::1"]), 5)),
+            ),
+            (
+                "A query failed",
+                failed("timeout"),
+                fam(&["2001:db8::2"], 7),
+                Ok((ips(&["10.0.0.1", "2001:db8::2"]), 7)),
+            ),
+            ("both failed", failed("timeout"), failed("servfail"), Err("timeout")),
+            ("no records at all", Ok(None), Ok(None), Err("nxdomain")),
+            ("no A, AAAA failed", Ok(None), failed("servfail"), Err("servfail")),
+        ];
+        for (case, v4, v6, want) in cases {
+            let got = combine(v4, v6)
+                .map(|r| (merge(&prev, &r), r.ttl.as_secs()))
+                .map_err(|e| e.label);
+            assert_eq!(got, want, "{case}");
+        }
     }
 
     #[test]

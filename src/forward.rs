@@ -30,6 +30,12 @@ use crate::relay::{self, Meter};
 /// Accept queue length asked for; the kernel caps it at `net.core.somaxconn`
 /// (4096 on current kernels). tokio's `TcpListener::bind` asks for 1024.
 const LISTEN_BACKLOG: u32 = 4096;
+/// TCP keepalive on both sides: an NLB forgets a flow after 350 s without a
+/// packet, and a long query is silent that long. Probes every minute keep the
+/// flow alive and find dead peers in about two minutes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+const KEEPALIVE_PROBES: u32 = 4;
 /// Pause after an accept error such as EMFILE, so a full descriptor table
 /// does not turn the accept loop into a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -155,8 +161,7 @@ impl Route {
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, cut: CancellationToken) {
         let _open = self.activity.enter();
         let started = Instant::now();
-        // Database protocols are request/response: no Nagle delay on either side.
-        let _ = client.set_nodelay(true);
+        tune(&client);
         let upstream = tokio::select! {
             r = self.connect() => r,
             () = cut.cancelled() => return,
@@ -171,7 +176,7 @@ impl Route {
         };
         self.metrics.connect_seconds.record(started.elapsed().as_secs_f64());
         self.metrics.ok.increment(1);
-        let _ = upstream.set_nodelay(true);
+        tune(&upstream);
         let upstream_addr = upstream.peer_addr().ok();
         info!(target: "audit", event = "forward_open", route = %self.config.name, client = %peer,
             upstream = %display_addr(upstream_addr));
@@ -257,6 +262,19 @@ async fn address_left(watch: Option<(watch::Receiver<Answer>, IpAddr)>) {
             info!(upstream = %ip, now = ?answer.addrs, "closing: upstream address left the DNS answer");
             return;
         }
+    }
+}
+
+/// Database protocols are request/response: no Nagle delay on either side;
+/// and keepalives, so idle sessions survive middleboxes.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        debug!(error = %e, "cannot set TCP keepalive");
     }
 }
 
