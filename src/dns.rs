@@ -238,17 +238,27 @@ impl Watch {
             addrs: Arc::from([ip]),
             error: None,
         });
-        Watch::build(ip.to_string(), None, tx, Duration::ZERO, Duration::ZERO)
+        let name = ip.to_string();
+        Watch::build(name.clone(), &name, None, tx, Duration::ZERO, Duration::ZERO)
     }
 
     /// A name resolved by `resolver`; nothing happens until [`Watch::run`] runs.
+    /// Metrics are labelled with the name itself (a name from the config).
     pub fn new(name: &str, resolver: Resolver, min_ttl: Duration, max_ttl: Duration) -> Watch {
+        Watch::labelled(name, name, resolver, min_ttl, max_ttl)
+    }
+
+    /// Like [`Watch::new`] with metrics labelled `label`: for names a client
+    /// asked for, the config rule that admitted them (label values never
+    /// come from a client).
+    pub fn labelled(name: &str, label: &str, resolver: Resolver, min_ttl: Duration, max_ttl: Duration) -> Watch {
         let (tx, _) = watch::channel(Answer::default());
-        Watch::build(name.to_string(), Some(resolver), tx, min_ttl, max_ttl)
+        Watch::build(name.to_string(), label, Some(resolver), tx, min_ttl, max_ttl)
     }
 
     fn build(
         name: String,
+        label: &str,
         resolver: Option<Resolver>,
         tx: watch::Sender<Answer>,
         min_ttl: Duration,
@@ -256,9 +266,9 @@ impl Watch {
     ) -> Watch {
         let results = LOOKUP_RESULTS
             .iter()
-            .map(|&result| metrics::counter!(m::DNS_LOOKUPS, "name" => name.clone(), "result" => result))
+            .map(|&result| metrics::counter!(m::DNS_LOOKUPS, "name" => label.to_string(), "result" => result))
             .collect();
-        let changes = metrics::counter!(m::DNS_CHANGES, "name" => name.clone());
+        let changes = metrics::counter!(m::DNS_CHANGES, "name" => label.to_string());
         Watch {
             inner: Arc::new(Inner {
                 name,
@@ -295,6 +305,27 @@ impl Watch {
     /// The whole current answer, with the last error if lookups are failing.
     pub fn answer(&self) -> Answer {
         self.inner.tx.borrow().clone()
+    }
+
+    /// The addresses once there are any: at once if known, else after the
+    /// first lookup (bounded by `within`). Empty if none came in time.
+    pub async fn first_answer(&self, within: Duration) -> Arc<[IpAddr]> {
+        let mut rx = self.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let a = rx.borrow_and_update();
+                    if !a.addrs.is_empty() || a.error.is_some() {
+                        return;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, wait).await;
+        self.current()
     }
 
     /// A receiver that sees every change of the address set.
@@ -406,6 +437,78 @@ impl Inner {
     }
 }
 
+/// Watches for names that clients ask for at run time (SSH channels, tunnel
+/// targets): one watch per name, created on first use, shared by every
+/// channel to that name, and dropped after [`Registry::IDLE`] without use.
+/// At most [`Registry::MAX_NAMES`] names are watched at once, so a wildcard
+/// rule cannot make a client grow it without bound.
+pub struct Registry {
+    resolver: Resolver,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    stop: CancellationToken,
+    names: std::sync::Mutex<std::collections::HashMap<String, Entry>>,
+}
+
+struct Entry {
+    watch: Watch,
+    stop: CancellationToken,
+    last_used: Instant,
+}
+
+impl Registry {
+    /// A name unused this long stops being watched.
+    pub const IDLE: Duration = Duration::from_secs(600);
+    pub const MAX_NAMES: usize = 1024;
+
+    /// Watches stop when `stop` fires.
+    pub fn new(resolver: Resolver, min_ttl: Duration, max_ttl: Duration, stop: CancellationToken) -> Registry {
+        Registry {
+            resolver,
+            min_ttl,
+            max_ttl,
+            stop,
+            names: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The watch for `name` (metrics labelled `label`), started if new.
+    /// None when [`Registry::MAX_NAMES`] names are watched already.
+    pub fn watch(&self, name: &str, label: &str) -> Option<Watch> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = names.get_mut(name) {
+            e.last_used = now;
+            return Some(e.watch.clone());
+        }
+        // Forget names nobody used for a while (their channels hold their own
+        // clones of the watch; only the re-resolving stops).
+        names.retain(|_, e| {
+            let keep = now.duration_since(e.last_used) < Self::IDLE;
+            if !keep {
+                e.stop.cancel();
+            }
+            keep
+        });
+        if names.len() >= Self::MAX_NAMES {
+            return None;
+        }
+        let watch = Watch::labelled(name, label, self.resolver.clone(), self.min_ttl, self.max_ttl);
+        let stop = self.stop.child_token();
+        let span = tracing::info_span!("dns", name = %name);
+        tokio::spawn(tracing::Instrument::instrument(watch.clone().run(stop.clone()), span));
+        names.insert(
+            name.to_string(),
+            Entry {
+                watch: watch.clone(),
+                stop,
+                last_used: now,
+            },
+        );
+        Some(watch)
+    }
+}
+
 /// The `result` label values of `jumpgate_dns_lookups_total`.
 pub const LOOKUP_RESULTS: [&str; 5] = ["ok", "nxdomain", "servfail", "timeout", "error"];
 
@@ -455,6 +558,7 @@ mod tests {
         let (tx, _) = watch::channel(Answer::default());
         let w = Watch::build(
             "db.example".into(),
+            "db.example",
             None,
             tx,
             Duration::from_secs(1),

@@ -10,22 +10,22 @@
 //! is seen.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{ForwardConfig, OnChange};
 use crate::daemon::Activity;
-use crate::dns::{Answer, Watch};
+use crate::dns::Watch;
 use crate::metrics as m;
 use crate::relay::{self, Meter};
+use crate::upstream::{self, ConnectError};
 
 /// Accept queue length asked for; the kernel caps it at `net.core.somaxconn`
 /// (4096 on current kernels). tokio's `TcpListener::bind` asks for 1024.
@@ -193,7 +193,7 @@ impl Route {
                 Err(e) => format!("{} error: {}", e.side.as_str(), e.source),
             },
             () = cut.cancelled() => "shutdown".to_string(),
-            () = address_left(left) => "upstream address left the DNS answer".to_string(),
+            () = upstream::address_left(left) => "upstream address left the DNS answer".to_string(),
         };
         self.metrics.active.decrement(1.0);
         let (up, down) = meter.bytes();
@@ -202,66 +202,8 @@ impl Route {
             duration_ms = started.elapsed().as_millis() as u64, reason = %reason);
     }
 
-    /// Tries each current address in turn; if all fail, re-resolves once
-    /// (rate-limited by the watch) and tries the addresses that are new.
-    async fn connect(&self) -> Result<TcpStream, String> {
-        let port = self.config.target.port;
-        let mut tried: Vec<IpAddr> = Vec::new();
-        let mut errors: Vec<String> = Vec::new();
-        let first = self.watch.current();
-        for &ip in first.iter() {
-            tried.push(ip);
-            match self.connect_one(SocketAddr::new(ip, port)).await {
-                Ok(s) => return Ok(s),
-                Err(e) => errors.push(e),
-            }
-        }
-        if self.watch.is_dynamic() {
-            let fresh = self.watch.refresh_now().await;
-            let new: Vec<IpAddr> = fresh.iter().copied().filter(|ip| !tried.contains(ip)).collect();
-            for ip in new {
-                match self.connect_one(SocketAddr::new(ip, port)).await {
-                    Ok(s) => {
-                        info!(upstream = %SocketAddr::new(ip, port), "connected after re-resolving");
-                        return Ok(s);
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-        }
-        if errors.is_empty() {
-            let answer = self.watch.answer();
-            return Err(match answer.error {
-                Some(e) => format!("no address for {}: {e}", self.watch.name()),
-                None => format!("no address for {} yet", self.watch.name()),
-            });
-        }
-        Err(errors.join("; "))
-    }
-
-    async fn connect_one(&self, addr: SocketAddr) -> Result<TcpStream, String> {
-        match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(format!("{addr}: {e}")),
-            Err(_) => Err(format!("{addr}: no answer within {:?}", self.config.connect_timeout)),
-        }
-    }
-}
-
-/// Resolves when `ip` is no longer in a (non-empty) answer; never when `None`.
-async fn address_left(watch: Option<(watch::Receiver<Answer>, IpAddr)>) {
-    let Some((mut rx, ip)) = watch else {
-        return std::future::pending().await;
-    };
-    loop {
-        if rx.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let answer = rx.borrow_and_update();
-        if !answer.addrs.is_empty() && !answer.addrs.contains(&ip) {
-            info!(upstream = %ip, now = ?answer.addrs, "closing: upstream address left the DNS answer");
-            return;
-        }
+    async fn connect(&self) -> Result<TcpStream, ConnectError> {
+        upstream::connect(&self.watch, self.config.target.port, self.config.connect_timeout, |_| Ok(())).await
     }
 }
 

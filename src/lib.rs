@@ -22,3 +22,4 @@ pub mod forward;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
+pub mod upstream;
