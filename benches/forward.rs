@@ -110,13 +110,13 @@ const M_SINGLE: &str = "single-stream throughput (Gbit/s)";
 const M_MULTI: &str = "16-stream aggregate throughput (Gbit/s)";
 const M_CPS: &str = "connections/s (connect + first byte)";
 const M_TTFB: &str = "connect + first byte, p50 (ms)";
-const M_RSS0: &str = "RSS before any connection (MB)";
-const M_KB: &str = "KB per idle connection";
+const M_RSS0: &str = "RSS before any connection (MiB)";
+const M_KB: &str = "KiB per idle connection (RSS growth ÷ connections)";
 const M_DNS_MED: &str = "DNS change reaches new connections, median (ms)";
 const M_DNS_MAX: &str = "DNS change reaches new connections, max (ms)";
 
 fn m_rss(n: usize) -> String {
-    format!("RSS with {} idle connections (MB)", thousands(n))
+    format!("RSS with {} idle connections (MiB)", thousands(n))
 }
 
 fn thousands(n: usize) -> String {
@@ -911,11 +911,16 @@ impl IdleUpstream {
 
 fn idle(plan: &Plan, peers: &[Peer], report: &mut Report) {
     let [small, large] = plan.idle_steps;
-    println!("\n== RSS with {small} and {large} idle connections ==");
+    println!(
+        "\n== RSS with {} and {} idle connections ==",
+        thousands(small),
+        thousands(large)
+    );
     if peers.contains(&Peer::Socat) {
         report.note(format!(
             "socat: RSS with idle connections not measured: it forks one process per connection \
-             ({large} processes), so there is no single process to read"
+             ({} processes), so there is no single process to read",
+            thousands(large)
         ));
     }
     let measured: Vec<Peer> = peers
@@ -928,6 +933,7 @@ fn idle(plan: &Plan, peers: &[Peer], report: &mut Report) {
         let mut fwd = Forwarder::start(peer, &Target::Addr(upstream.addr))?;
         thread::sleep(plan.settle);
         let rss0 = fwd.rss_kb()?;
+        report.add(M_RSS0, peer, rss0 as f64 / 1024.0, "MiB", false);
         let base = upstream.count()?;
         let mut clients: Vec<TcpStream> = Vec::with_capacity(large);
         let mut rss_last = rss0;
@@ -954,15 +960,14 @@ fn idle(plan: &Plan, peers: &[Peer], report: &mut Report) {
                 }
             }
             rss_last = fwd.rss_kb()?;
-            println!("{:<13} {n} idle: RSS {:.1} MB", peer.name(), rss_last as f64 / 1024.0);
-            report.add(&m_rss(n), peer, rss_last as f64 / 1024.0, "MB", false);
+            println!("{:<13} {n} idle: RSS {:.1} MiB", peer.name(), rss_last as f64 / 1024.0);
+            report.add(&m_rss(n), peer, rss_last as f64 / 1024.0, "MiB", false);
         }
-        report.add(M_RSS0, peer, rss0 as f64 / 1024.0, "MB", false);
         report.add(
             M_KB,
             peer,
             rss_last.saturating_sub(rss0) as f64 / large as f64,
-            "KB",
+            "KiB",
             false,
         );
         Ok(())
@@ -1115,17 +1120,22 @@ fn dns_change(plan: &Plan, peers: &[Peer], report: &mut Report) -> Result<()> {
             Err(e) => report.fail(peer, "DNS change", &e),
         }
     }
+    // Changes at fixed times, one every 3 TTL + TTL / trials: each lands TTL / trials later in
+    // the forwarders' re-resolution cycles than the one before, so together they cover the cycle
+    // evenly, its worst point included, whatever phase each forwarder's timer has.
+    let ttl = Duration::from_secs(u64::from(DNS_TTL_S));
+    let interval = ttl * 3 + ttl / plan.dns_trials as u32;
+    let bound = plan.dns_bound.min(interval - Duration::from_millis(200));
+    let schedule = Instant::now();
     let mut current = first;
     for trial in 1..=plan.dns_trials {
-        // The last change was seen just after a re-resolution: changing k/trials of a TTL later
-        // spreads the trials evenly over the phase of the forwarders' timers (k = 0: worst case).
-        let phase = (trial - 1) as u64 * u64::from(DNS_TTL_S) * 1000 / plan.dns_trials as u64;
-        thread::sleep(Duration::from_millis(phase));
+        let at = schedule + interval * (trial - 1) as u32;
+        thread::sleep(at.saturating_duration_since(Instant::now()));
         let next = if current == first { second } else { first };
         dns.set(next)?;
         let changed = Instant::now();
         let mut pending: Vec<usize> = (0..fwds.len()).collect();
-        while !pending.is_empty() && changed.elapsed() < plan.dns_bound {
+        while !pending.is_empty() && changed.elapsed() < bound {
             let tick = Instant::now();
             pending.retain(|&i| {
                 let seen = reached(fwds[i].0.addr) == Some(next);
@@ -1143,7 +1153,7 @@ fn dns_change(plan: &Plan, peers: &[Peer], report: &mut Report) -> Result<()> {
             .iter()
             .map(|(f, t)| match t.last() {
                 Some(Some(t)) => format!("{} {:.0} ms", f.peer.name(), t.as_secs_f64() * 1e3),
-                _ => format!("{} not within {:?}", f.peer.name(), plan.dns_bound),
+                _ => format!("{} not within {bound:?}", f.peer.name()),
             })
             .collect();
         println!("trial {trial}: {current} -> {next}: {}", line.join(", "));
@@ -1152,11 +1162,7 @@ fn dns_change(plan: &Plan, peers: &[Peer], report: &mut Report) -> Result<()> {
     for (fwd, times) in &fwds {
         let missed = times.iter().filter(|t| t.is_none()).count();
         if missed > 0 {
-            let e = anyhow!(
-                "{missed} of {} changes not seen within {:?}",
-                times.len(),
-                plan.dns_bound
-            );
+            let e = anyhow!("{missed} of {} changes not seen within {bound:?}", times.len());
             report.fail(fwd.peer, "DNS change", &e);
             continue;
         }
@@ -1275,9 +1281,22 @@ impl Report {
             plan.stream_bytes >> 20,
             plan.cps_time,
             plan.cps_workers,
-            plan.idle_steps[0],
-            plan.idle_steps[1],
+            thousands(plan.idle_steps[0]),
+            thousands(plan.idle_steps[1]),
             plan.dns_trials
+        );
+        let _ = writeln!(
+            md,
+            "- method: client and sink are std threads in the bench process; the client writes 1 MiB \
+             chunks, the sink drops bytes in the kernel (recv MSG_TRUNC) and answers the count after \
+             the client's half-close; connections/s clients connect, read the upstream's one byte, \
+             then its EOF; RSS is VmRSS of the forwarder process, the idle upstream a child process"
+        );
+        let _ = writeln!(
+            md,
+            "- peers: socat `TCP-LISTEN:P,bind=127.0.0.1,reuseaddr,fork,backlog=4096 TCP:127.0.0.1:S`; \
+             HAProxy `-db`, `mode tcp`, `option splice-auto`, maxconn {HAPROXY_MAXCONN}, ulimit-n 20000, \
+             maxpipes 64, default threads; jumpgate `run --config` with `[log] level = \"warn\"`"
         );
         let _ = writeln!(
             md,

@@ -11,9 +11,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
-use crate::config::{Config, DEFAULT_PATH, Host, OnChange};
+use crate::config::{Config, DEFAULT_PATH, Host, HostKeySource, HostKeyType, OnChange};
 use crate::daemon::{self, App, StartError};
 use crate::dns;
+use crate::ssh::keys;
 
 /// jumpgate: let a data-pipeline service reach databases in a private network.
 #[derive(Debug, Parser)]
@@ -40,6 +41,32 @@ pub enum Command {
         #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Write a new OpenSSH key pair: PATH (private, mode 0600) and PATH.pub.
+    Keygen {
+        /// Key type.
+        #[arg(long = "type", value_enum, default_value_t = KeyType::Ed25519)]
+        key_type: KeyType,
+        /// Where to write the private key; the public key goes to PATH.pub. An existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print host key fingerprints like `ssh-keygen -l`: the configured host keys, or one key file.
+    Fingerprint {
+        /// Config whose [ssh] host keys to show (generated ones are read from state_dir).
+        #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH, conflicts_with = "key")]
+        config: PathBuf,
+        /// A public or private key file instead.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
+/// Key types `keygen` writes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KeyType {
+    Ed25519,
+    Ecdsa,
+    Rsa,
 }
 
 /// Runs the parsed command and returns the process exit code.
@@ -47,7 +74,78 @@ pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config, ready_file } => run(&config, ready_file),
         Command::Check { config } => check(&config),
+        Command::Keygen { key_type, out } => keygen(key_type, &out),
+        Command::Fingerprint { config, key } => fingerprint(&config, key.as_deref()),
     }
+}
+
+fn keygen(key_type: KeyType, out: &Path) -> ExitCode {
+    let kind = match key_type {
+        KeyType::Ed25519 => HostKeyType::Ed25519,
+        KeyType::Ecdsa => HostKeyType::Ecdsa,
+        KeyType::Rsa => HostKeyType::Rsa,
+    };
+    let mut pub_path = out.as_os_str().to_owned();
+    pub_path.push(".pub");
+    if out.exists() || Path::new(&pub_path).exists() {
+        eprintln!(
+            "error: {} or its .pub exists already: jumpgate never overwrites a key (move it away or pick another --out)",
+            out.display()
+        );
+        return ExitCode::from(1);
+    }
+    match keys::generate(kind, out) {
+        Ok(key) => {
+            println!("{}", keys::fingerprint_line(key.public_key()));
+            println!("private key: {} (mode 0600)", out.display());
+            println!("public key:  {}", Path::new(&pub_path).display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn fingerprint(config: &Path, key: Option<&Path>) -> ExitCode {
+    if let Some(path) = key {
+        return match keys::read_any_public(path) {
+            Ok(k) => {
+                println!("{}", keys::fingerprint_line(&k));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let Some(config) = load(config) else {
+        return ExitCode::from(1);
+    };
+    let Some(ssh) = &config.ssh else {
+        eprintln!(
+            "error: {}: no [ssh] table: no host keys to show (or use --key PATH)",
+            config.file
+        );
+        return ExitCode::from(1);
+    };
+    let mut failed = false;
+    for source in &ssh.host_keys {
+        let path = match source {
+            HostKeySource::Path(p) => p.clone(),
+            HostKeySource::Generate(kind) => config.state_dir.join(kind.file_name()),
+        };
+        match keys::read_any_public(&path) {
+            Ok(k) => println!("{}", keys::fingerprint_line(&k)),
+            Err(e) => {
+                failed = true;
+                eprintln!("error: {e} (generated keys exist after the first `jumpgate run`)");
+            }
+        }
+    }
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
 fn load(path: &Path) -> Option<Config> {
@@ -134,8 +232,51 @@ fn check(path: &Path) -> ExitCode {
         "dns      {ns}; re-resolve after the TTL clamped to [{:?}, {:?}]",
         config.dns.min_ttl, config.dns.max_ttl
     );
+    let mut warnings = 0;
+    if let Some(ssh) = &config.ssh {
+        println!("ssh      listen {}  (/readyz/ssh)", ssh.listen);
+        for u in &ssh.users {
+            let keys = crate::ssh::authorized_keys::load(&u.authorized_keys);
+            let n = match &keys {
+                Ok(p) => {
+                    for w in &p.warnings {
+                        warnings += 1;
+                        println!("warning: {w}");
+                    }
+                    format!("{} key(s)", p.keys.len())
+                }
+                Err(e) => {
+                    warnings += 1;
+                    format!("cannot read: {e}")
+                }
+            };
+            println!("ssh      user {:?}: {} ({n})", u.name, u.authorized_keys.display());
+        }
+        for rule in &ssh.policy.allow {
+            println!("ssh      allow {} ports {:?}", rule.label, rule.ports);
+        }
+        let deny: Vec<String> = ssh.policy.deny.iter().map(|n| n.to_string()).collect();
+        println!(
+            "ssh      deny {}",
+            if deny.is_empty() {
+                "(nothing)".to_string()
+            } else {
+                deny.join(", ")
+            }
+        );
+        if ssh.deny_is_weak {
+            warnings += 1;
+            println!(
+                "warning: [ssh] deny lets channels reach loopback or the instance metadata address (169.254.169.254): \
+                 fine for a local demo, dangerous on a bastion (remove `deny` to get the safe default)"
+            );
+        }
+    }
     if config.forward.is_empty() {
         println!("(no [[forward]] routes)");
+        if warnings > 0 {
+            println!("{warnings} warning(s): see above");
+        }
         return ExitCode::SUCCESS;
     }
     let rt = match runtime() {
@@ -145,7 +286,6 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut warnings = 0;
     rt.block_on(async {
         let mut resolver: Option<Result<dns::Resolver, String>> = None;
         for f in &config.forward {

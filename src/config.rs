@@ -19,6 +19,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::{AllowRule, PermitOpen, Policy};
+use std::sync::Arc;
+
 /// The default config, embedded so a fresh machine can run `jumpgate run`
 /// with no file at all (the repo's `config/jumpgate.toml`).
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/jumpgate.toml");
@@ -63,7 +66,7 @@ struct RawConfig {
     #[serde(default)]
     forward: Vec<RawForward>,
     // Roles built by later versions: parsed only to refuse them clearly.
-    ssh: Option<toml::Value>,
+    ssh: Option<RawSsh>,
     service: Option<toml::Value>,
     #[serde(default)]
     tunnel: Vec<toml::Value>,
@@ -203,6 +206,82 @@ fn default_connect_timeout() -> String {
     "5s".into()
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    #[serde(default = "default_ssh_listen")]
+    listen: String,
+    #[serde(default = "default_host_keys")]
+    host_keys: Vec<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    allowed_sources: Vec<String>,
+    deny: Option<Vec<String>>,
+    #[serde(default = "default_login_grace")]
+    login_grace: String,
+    #[serde(default = "default_max_startups")]
+    max_startups: usize,
+    #[serde(default = "default_max_auth_attempts")]
+    max_auth_attempts: usize,
+    #[serde(default = "default_max_channels")]
+    max_channels_per_session: usize,
+    #[serde(default = "default_ssh_keepalive")]
+    keepalive: String,
+    #[serde(default = "default_keepalive_max")]
+    keepalive_max: usize,
+    #[serde(default = "default_on_change")]
+    on_change: String,
+    #[serde(default)]
+    user: Vec<RawSshUser>,
+    #[serde(default)]
+    allow: Vec<RawSshAllow>,
+}
+
+fn default_ssh_listen() -> String {
+    "127.0.0.1:2222".into()
+}
+fn default_host_keys() -> Vec<String> {
+    vec!["ed25519".into(), "ecdsa".into()]
+}
+fn default_login_grace() -> String {
+    "20s".into()
+}
+fn default_max_startups() -> usize {
+    64
+}
+fn default_max_auth_attempts() -> usize {
+    6
+}
+fn default_max_channels() -> usize {
+    64
+}
+fn default_ssh_keepalive() -> String {
+    "15s".into()
+}
+fn default_keepalive_max() -> usize {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSshUser {
+    name: Option<String>,
+    authorized_keys: Option<PathBuf>,
+    #[serde(default)]
+    permitopen: Vec<String>,
+    service_group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSshAllow {
+    host: Option<String>,
+    cidr: Option<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+}
+
 // ----------------------------------------------------------- validated form
 
 /// The validated config.
@@ -216,6 +295,62 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub dns: DnsConfig,
     pub forward: Vec<ForwardConfig>,
+    /// None: the ssh role is off.
+    pub ssh: Option<SshConfig>,
+}
+
+/// Where a host key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeySource {
+    /// Generated in `state_dir` on first start, loaded from there after.
+    Generate(HostKeyType),
+    /// An OpenSSH private key file.
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyType {
+    Ed25519,
+    Ecdsa,
+    Rsa,
+}
+
+impl HostKeyType {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            HostKeyType::Ed25519 => "ssh_host_ed25519_key",
+            HostKeyType::Ecdsa => "ssh_host_ecdsa_key",
+            HostKeyType::Rsa => "ssh_host_rsa_key",
+        }
+    }
+}
+
+/// `[ssh]`: the forwarding-only SSH server.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    pub listen: SocketAddr,
+    pub host_keys: Vec<HostKeySource>,
+    /// Client addresses admitted before any SSH byte is read; empty = any.
+    pub allowed_sources: Vec<ipnet::IpNet>,
+    pub policy: Arc<Policy>,
+    pub login_grace: Duration,
+    pub max_startups: usize,
+    pub max_auth_attempts: usize,
+    pub max_channels_per_session: usize,
+    pub keepalive: Duration,
+    pub keepalive_max: usize,
+    pub on_change: OnChange,
+    pub users: Vec<SshUser>,
+    /// True when `deny` lets channels reach loopback or the metadata address (`check` warns).
+    pub deny_is_weak: bool,
+}
+
+/// `[[ssh.user]]`.
+#[derive(Debug, Clone)]
+pub struct SshUser {
+    pub name: String,
+    pub authorized_keys: PathBuf,
+    pub permitopen: Vec<PermitOpen>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,13 +497,6 @@ impl Ctx<'_> {
 impl RawConfig {
     fn validate(self, file: &str) -> Result<Config, ConfigError> {
         let cx = Ctx { file };
-        if self.ssh.is_some() {
-            return Err(cx.err(
-                "[ssh]",
-                "ssh",
-                "the ssh role is not built in this version yet (remove the [ssh] table)",
-            ));
-        }
         if !self.tunnel.is_empty() {
             return Err(cx.err(
                 "[[tunnel]] #1",
@@ -516,17 +644,7 @@ impl RawConfig {
                 ));
             };
             let target = parse_target(target).map_err(|why| cx.err(&table, "target", why))?;
-            let on_change = match raw.on_change.as_str() {
-                "keep" => OnChange::Keep,
-                "close" => OnChange::Close,
-                other => {
-                    return Err(cx.err(
-                        &table,
-                        "on_change",
-                        format!("unknown value {other:?} (write \"keep\" or \"close\")"),
-                    ));
-                }
-            };
+            let on_change = parse_on_change(&cx, &table, &raw.on_change)?;
             if raw.proxy_protocol {
                 return Err(cx.err(
                     &table,
@@ -547,6 +665,11 @@ impl RawConfig {
             });
         }
 
+        let ssh = match self.ssh {
+            Some(raw) => Some(raw.validate(&cx, &admin, &listens)?),
+            None => None,
+        };
+
         Ok(Config {
             file: file.to_string(),
             state_dir: self.state_dir,
@@ -558,8 +681,255 @@ impl RawConfig {
             daemon,
             dns,
             forward,
+            ssh,
         })
     }
+}
+
+impl RawSsh {
+    fn validate(
+        self,
+        cx: &Ctx,
+        admin: &AdminConfig,
+        forwards: &[(SocketAddr, String)],
+    ) -> Result<SshConfig, ConfigError> {
+        const T: &str = "[ssh]";
+        let listen = cx.socket_addr(T, "listen", &self.listen, 2222)?;
+        if listen.port() != 0 {
+            if let Some((_, other)) = forwards.iter().find(|(a, _)| overlaps(*a, listen)) {
+                return Err(cx.err(
+                    T,
+                    "listen",
+                    format!("{listen} is also the listen address of [[forward]] {other:?} (give each its own port)"),
+                ));
+            }
+            if overlaps(listen, admin.listen) {
+                return Err(cx.err(
+                    T,
+                    "listen",
+                    format!("{listen} is also [admin] listen (give the ssh role another port)"),
+                ));
+            }
+        }
+        if self.host_keys.is_empty() {
+            return Err(cx.err(
+                T,
+                "host_keys",
+                "empty: the server needs a host key (write [\"ed25519\", \"ecdsa\"])",
+            ));
+        }
+        let mut host_keys = Vec::new();
+        for entry in &self.host_keys {
+            let source = match entry.as_str() {
+                "ed25519" => HostKeySource::Generate(HostKeyType::Ed25519),
+                "ecdsa" => HostKeySource::Generate(HostKeyType::Ecdsa),
+                "rsa" => HostKeySource::Generate(HostKeyType::Rsa),
+                e if e.starts_with("env:") || e.starts_with("cmd:") => {
+                    return Err(cx.err(T, "host_keys", format!("{:?}: env: and cmd: key sources are not built in this version yet (use a file path, or \"ed25519\" / \"ecdsa\" to generate keys in state_dir)", &e[..4])));
+                }
+                "" => {
+                    return Err(cx.err(
+                        T,
+                        "host_keys",
+                        "empty entry (write \"ed25519\", \"ecdsa\" or a key file path)",
+                    ));
+                }
+                path => HostKeySource::Path(PathBuf::from(path)),
+            };
+            if host_keys.contains(&source) {
+                return Err(cx.err(T, "host_keys", format!("{entry:?} is listed twice")));
+            }
+            host_keys.push(source);
+        }
+        if self.proxy_protocol {
+            return Err(cx.err(
+                T,
+                "proxy_protocol",
+                "PROXY protocol is not built in this version yet (set proxy_protocol = false or remove it)",
+            ));
+        }
+        let cidrs = |field: &'static str, list: &[String]| -> Result<Vec<ipnet::IpNet>, ConfigError> {
+            list.iter()
+                .map(|c| parse_cidr(c).map_err(|why| cx.err(T, field, why)))
+                .collect()
+        };
+        let allowed_sources = cidrs("allowed_sources", &self.allowed_sources)?;
+        let deny = match &self.deny {
+            Some(list) => cidrs("deny", list)?,
+            None => Policy::default_deny(),
+        };
+        let must_deny: [std::net::IpAddr; 3] = [
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+            std::net::Ipv4Addr::new(169, 254, 169, 254).into(),
+        ];
+        let deny_is_weak = must_deny.iter().any(|ip| !deny.iter().any(|net| net.contains(ip)));
+        let login_grace = cx.duration(T, "login_grace", &self.login_grace)?;
+        if login_grace.is_zero() {
+            return Err(cx.err(T, "login_grace", "must be more than 0 (write e.g. \"20s\")"));
+        }
+        let keepalive = cx.duration(T, "keepalive", &self.keepalive)?;
+        if keepalive.is_zero() {
+            return Err(cx.err(
+                T,
+                "keepalive",
+                "must be more than 0: keepalives are how dead clients are found (write e.g. \"15s\")",
+            ));
+        }
+        for (field, value) in [
+            ("max_startups", self.max_startups),
+            ("max_auth_attempts", self.max_auth_attempts),
+            ("max_channels_per_session", self.max_channels_per_session),
+            ("keepalive_max", self.keepalive_max),
+        ] {
+            if value == 0 {
+                return Err(cx.err(T, field, "must be at least 1"));
+            }
+        }
+        let on_change = parse_on_change(cx, T, &self.on_change)?;
+
+        let mut users = Vec::new();
+        for (i, raw) in self.user.into_iter().enumerate() {
+            let index = i + 1;
+            let Some(name) = raw.name else {
+                return Err(cx.err(
+                    format!("[[ssh.user]] #{index}"),
+                    "name",
+                    "missing (add e.g. name = \"fivetran\")",
+                ));
+            };
+            let table = format!("[[ssh.user]] #{index} {name:?}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(cx.err(
+                    &table,
+                    "name",
+                    format!("{name:?} may hold only letters, digits, '-', '_' and '.' (e.g. \"fivetran\")"),
+                ));
+            }
+            if users.iter().any(|u: &SshUser| u.name == name) {
+                return Err(cx.err(&table, "name", format!("{name:?} is used by an earlier [[ssh.user]] (one table per user; put every key in its authorized_keys)")));
+            }
+            if raw.service_group.is_some() {
+                return Err(cx.err(
+                    &table,
+                    "service_group",
+                    "fetching the service's key is not built in this version yet (use authorized_keys)",
+                ));
+            }
+            let Some(authorized_keys) = raw.authorized_keys else {
+                return Err(cx.err(
+                    &table,
+                    "authorized_keys",
+                    "missing (add e.g. authorized_keys = \"config/authorized_keys\", OpenSSH format)",
+                ));
+            };
+            let permitopen = raw
+                .permitopen
+                .iter()
+                .map(|p| PermitOpen::parse(p).map_err(|why| cx.err(&table, "permitopen", why)))
+                .collect::<Result<Vec<_>, _>>()?;
+            users.push(SshUser {
+                name,
+                authorized_keys,
+                permitopen,
+            });
+        }
+        if users.is_empty() {
+            return Err(cx.err(
+                T,
+                "user",
+                "no [[ssh.user]]: nobody could log in (add [[ssh.user]] with name and authorized_keys)",
+            ));
+        }
+
+        let mut allow = Vec::new();
+        for (i, raw) in self.allow.into_iter().enumerate() {
+            let table = format!("[[ssh.allow]] #{}", i + 1);
+            if raw.ports.is_empty() {
+                return Err(cx.err(&table, "ports", "missing or empty (write e.g. ports = [5432])"));
+            }
+            if raw.ports.contains(&0) {
+                return Err(cx.err(&table, "ports", "port 0 (write the database's port, e.g. 5432)"));
+            }
+            let rule = match (raw.host, raw.cidr) {
+                (Some(h), None) => AllowRule::host(&h, raw.ports).map_err(|why| cx.err(&table, "host", why))?,
+                (None, Some(c)) => AllowRule::cidr(&c, raw.ports).map_err(|why| cx.err(&table, "cidr", why))?,
+                (Some(_), Some(_)) => {
+                    return Err(cx.err(
+                        &table,
+                        "host",
+                        "both host and cidr set (one rule names either a host or a cidr; write two rules)",
+                    ));
+                }
+                (None, None) => {
+                    return Err(cx.err(
+                        &table,
+                        "host",
+                        "neither host nor cidr set (write host = \"mydb.example.com\" or cidr = \"10.0.0.0/16\")",
+                    ));
+                }
+            };
+            allow.push(rule);
+        }
+        if allow.is_empty() {
+            return Err(cx.err(
+                T,
+                "allow",
+                "no [[ssh.allow]] rule: no channel could ever open (add [[ssh.allow]] with host or cidr, and ports)",
+            ));
+        }
+
+        Ok(SshConfig {
+            listen,
+            host_keys,
+            allowed_sources,
+            policy: Arc::new(Policy { allow, deny }),
+            login_grace,
+            max_startups: self.max_startups,
+            max_auth_attempts: self.max_auth_attempts,
+            max_channels_per_session: self.max_channels_per_session,
+            keepalive,
+            keepalive_max: self.keepalive_max,
+            on_change,
+            users,
+            deny_is_weak,
+        })
+    }
+}
+
+fn parse_on_change(cx: &Ctx, table: &str, text: &str) -> Result<OnChange, ConfigError> {
+    match text {
+        "keep" => Ok(OnChange::Keep),
+        "close" => Ok(OnChange::Close),
+        other => Err(cx.err(
+            table,
+            "on_change",
+            format!("unknown value {other:?} (write \"keep\" or \"close\")"),
+        )),
+    }
+}
+
+/// "10.0.0.0/16", "2001:db8::/32", or a bare address (a /32 or /128).
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "{text:?} has host bits set (write {:?})",
+                net.trunc().to_string()
+            ));
+        }
+        return Ok(net);
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(ipnet::IpNet::from(ip));
+    }
+    Err(format!(
+        "not a CIDR: {text:?} (write e.g. \"10.0.0.0/16\" or \"203.0.113.7/32\")"
+    ))
 }
 
 /// Below this the watcher could spin on a TTL-0 record.
@@ -722,6 +1092,44 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Text);
     }
 
+    const RULE: &str = "[[ssh.allow]]\nhost = \"db.example.com\"\nports = [5432]\n";
+
+    /// An [ssh] table with one user, `extra` keys in [ssh] and `rules` after.
+    fn ssh(extra: &str, rules: &str) -> String {
+        format!(
+            "[ssh]\n{extra}[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"config/authorized_keys\"\n{rules}"
+        )
+    }
+
+    #[test]
+    fn ssh_defaults_are_the_safe_ones() {
+        let c = Config::parse(&ssh("", RULE), FILE).unwrap();
+        let s = c.ssh.expect("ssh role on");
+        assert_eq!(s.listen, "127.0.0.1:2222".parse().unwrap());
+        assert_eq!(
+            s.host_keys,
+            vec![
+                HostKeySource::Generate(HostKeyType::Ed25519),
+                HostKeySource::Generate(HostKeyType::Ecdsa)
+            ]
+        );
+        assert_eq!(s.policy.deny, Policy::default_deny());
+        assert!(!s.deny_is_weak, "the default deny list covers loopback and metadata");
+        assert_eq!(
+            (s.max_startups, s.max_auth_attempts, s.max_channels_per_session),
+            (64, 6, 64)
+        );
+        assert_eq!((s.keepalive, s.keepalive_max), (Duration::from_secs(15), 3));
+        assert_eq!(s.login_grace, Duration::from_secs(20));
+        assert_eq!(s.on_change, OnChange::Keep);
+        assert!(s.allowed_sources.is_empty());
+        let weak = Config::parse(&ssh("deny = []\n", RULE), FILE).unwrap();
+        assert!(
+            weak.ssh.unwrap().deny_is_weak,
+            "an empty deny list is flagged for check"
+        );
+    }
+
     #[test]
     fn errors_name_file_table_field_and_fix() {
         let route = |extra: &str| {
@@ -759,7 +1167,26 @@ mod tests {
             ("bad log filter", "[log]\nlevel = \"info,jumpgate=loud\"\n".into(), "[log]: level: bad level \"info,jumpgate=loud\""),
             ("unknown top-level field", "colour = \"blue\"\n".into(), "config/jumpgate.toml: TOML parse error at line 1, column 1"),
             ("unknown forward field", route("target = \"a.b:1\"\ntimeout = \"5s\""), "unknown field `timeout`"),
-            ("ssh not built", "[ssh]\nlisten = \"127.0.0.1:2222\"\n".into(), "config/jumpgate.toml: [ssh]: ssh: the ssh role is not built in this version yet"),
+            ("ssh without users", "[ssh]\nlisten = \"127.0.0.1:2222\"\n".into(), "config/jumpgate.toml: [ssh]: user: no [[ssh.user]]: nobody could log in"),
+            ("ssh without rules", ssh("", ""), "[ssh]: allow: no [[ssh.allow]] rule: no channel could ever open"),
+            ("ssh rule without ports", ssh("", "[[ssh.allow]]\nhost = \"db.example.com\"\n"), "[[ssh.allow]] #1: ports: missing or empty (write e.g. ports = [5432])"),
+            ("ssh rule with host and cidr", ssh("", "[[ssh.allow]]\nhost = \"a.b\"\ncidr = \"10.0.0.0/8\"\nports = [1]\n"), "[[ssh.allow]] #1: host: both host and cidr set"),
+            ("ssh bad cidr", ssh("", "[[ssh.allow]]\ncidr = \"10.0.0.0/33\"\nports = [1]\n"), "[[ssh.allow]] #1: cidr:"),
+            ("ssh bad host", ssh("", "[[ssh.allow]]\nhost = \"a b\"\nports = [1]\n"), "[[ssh.allow]] #1: host:"),
+            ("ssh bad deny", ssh("deny = [\"localhost\"]\n", RULE), "[ssh]: deny: not a CIDR: \"localhost\""),
+            ("ssh cidr host bits", ssh("allowed_sources = [\"10.0.0.1/8\"]\n", RULE), "[ssh]: allowed_sources: \"10.0.0.1/8\" has host bits set (write \"10.0.0.0/8\")"),
+            ("ssh bad login_grace", ssh("login_grace = \"soon\"\n", RULE), "[ssh]: login_grace: bad duration \"soon\""),
+            ("ssh zero keepalive", ssh("keepalive = \"0s\"\n", RULE), "[ssh]: keepalive: must be more than 0"),
+            ("ssh zero max_startups", ssh("max_startups = 0\n", RULE), "[ssh]: max_startups: must be at least 1"),
+            ("ssh env host key", ssh("host_keys = [\"env:KEY\"]\n", RULE), "[ssh]: host_keys: \"env:\": env: and cmd: key sources are not built"),
+            ("ssh no host keys", ssh("host_keys = []\n", RULE), "[ssh]: host_keys: empty"),
+            ("ssh proxy protocol", ssh("proxy_protocol = true\n", RULE), "[ssh]: proxy_protocol: PROXY protocol is not built"),
+            ("ssh same port as admin", ssh("listen = \"127.0.0.1:9090\"\n", RULE), "[ssh]: listen: 127.0.0.1:9090 is also [admin] listen"),
+            ("ssh duplicate user", format!("{}[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\n", ssh("", RULE)), "[[ssh.user]] #2 \"fivetran\": name: \"fivetran\" is used by an earlier [[ssh.user]]"),
+            ("ssh user without keys", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\n".into(), "[[ssh.user]] #1 \"fivetran\": authorized_keys: missing"),
+            ("ssh service_group not built", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nservice_group = \"g\"\n".into(), "[[ssh.user]] #1 \"fivetran\": service_group: fetching the service's key is not built"),
+            ("ssh bad user permitopen", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\npermitopen = [\"db\"]\n".into(), "[[ssh.user]] #1 \"fivetran\": permitopen:"),
+            ("ssh unknown field", ssh("shell = true\n", RULE), "unknown field `shell`"),
             ("tunnel not built", "[[tunnel]]\nname = \"t\"\n".into(), "[[tunnel]] #1: tunnel: the tunnel role is not built"),
             ("service not built", "[service]\napi_url = \"https://x\"\n".into(), "[service]: service: the service API client is not built"),
         ];

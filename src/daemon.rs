@@ -28,6 +28,8 @@ use crate::admin::{self, Check, Health};
 use crate::config::{Config, Host};
 use crate::dns::{self, Watch};
 use crate::forward::{self, Forwarder};
+use crate::policy::RuleTarget;
+use crate::ssh::server::{SshServer, SshStartError};
 
 /// A start-up error: printed as is, then the process exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,11 @@ pub enum StartError {
     },
     #[error("{file}: [dns]: nameservers: {source}")]
     Dns { file: String, source: dns::DnsError },
+    #[error("{file}: [ssh]: host_keys: {source}")]
+    HostKey {
+        file: String,
+        source: crate::ssh::keys::KeyError,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
     #[error("cannot write the ready file {path}: {source} (check --ready-file's directory exists and is writable)")]
@@ -99,6 +106,8 @@ impl Drop for Open<'_> {
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadyInfo {
     pub admin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub forward: BTreeMap<String, String>,
 }
@@ -120,6 +129,9 @@ pub struct App {
     admin: TcpListener,
     forwards: Vec<Forwarder>,
     watches: Vec<Watch>,
+    ssh: Option<SshServer>,
+    /// Stops the admin endpoint and DNS watchers, last.
+    background: CancellationToken,
     health: Arc<Health>,
     activity: Arc<Activity>,
     prometheus: PrometheusHandle,
@@ -133,7 +145,11 @@ impl App {
         let file = config.file.clone();
         let activity = Arc::new(Activity::default());
 
-        let needs_resolver = config.forward.iter().any(|f| matches!(f.target.host, Host::Name(_)));
+        let ssh_names = config
+            .ssh
+            .as_ref()
+            .is_some_and(|s| s.policy.allow.iter().any(|r| matches!(r.target, RuleTarget::Host(_))));
+        let needs_resolver = ssh_names || config.forward.iter().any(|f| matches!(f.target.host, Host::Name(_)));
         let resolver = if needs_resolver {
             Some(dns::Resolver::new(&config.dns).map_err(|source| StartError::Dns {
                 file: file.clone(),
@@ -181,11 +197,46 @@ impl App {
             source,
         })?;
 
-        let parts: Vec<(String, Check)> = forwards
+        let background = CancellationToken::new();
+        let ssh = match &config.ssh {
+            Some(ssh_config) => {
+                let resolver = if ssh_names { resolver.clone() } else { None };
+                let server = SshServer::bind(
+                    ssh_config.clone(),
+                    &config.state_dir,
+                    resolver,
+                    (config.dns.min_ttl, config.dns.max_ttl),
+                    activity.clone(),
+                    background.clone(),
+                )
+                .map_err(|e| match e {
+                    SshStartError::Bind { addr, source } => StartError::Bind {
+                        file: file.clone(),
+                        table: "[ssh]".into(),
+                        addr,
+                        fix: bind_fix(&source),
+                        source,
+                    },
+                    SshStartError::Key(e) => StartError::HostKey {
+                        file: file.clone(),
+                        source: e,
+                    },
+                })?;
+                Some(server)
+            }
+            None => None,
+        };
+
+        let mut parts: Vec<(String, Check)> = forwards
             .iter()
             .map(|f| (format!("forward/{}", f.name()), Box::new(f.readiness()) as Check))
             .collect();
+        if let Some(s) = &ssh {
+            parts.push(("ssh".into(), Box::new(s.readiness())));
+        }
         Ok(App {
+            ssh,
+            background,
             config,
             admin,
             forwards,
@@ -201,6 +252,7 @@ impl App {
         let addr = |r: io::Result<SocketAddr>| r.map_or_else(|e| format!("unknown: {e}"), |a| a.to_string());
         ReadyInfo {
             admin: addr(self.admin.local_addr()),
+            ssh: self.ssh.as_ref().map(|s| addr(s.local_addr())),
             forward: self
                 .forwards
                 .iter()
@@ -225,11 +277,12 @@ impl App {
             health,
             activity,
             prometheus,
+            ssh,
+            background,
         } = self;
 
         let stop_accepting = CancellationToken::new();
         let cut = CancellationToken::new();
-        let background = CancellationToken::new();
         let conns = TaskTracker::new();
         let tasks = TaskTracker::new();
 
@@ -256,6 +309,14 @@ impl App {
                     }
                 }
             });
+        }
+        if let Some(server) = ssh {
+            let listen = server.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+            info!(%listen, "ssh listening");
+            for line in server.fingerprints() {
+                eprintln!("ssh host key: {line}");
+            }
+            tasks.spawn(server.serve(stop_accepting.clone(), cut.clone(), conns.clone()));
         }
         for f in forwards {
             info!(route = %f.name(), listen = %f.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "forward route listening");
@@ -449,10 +510,14 @@ mod tests {
         let path = dir.path().join("ready.json");
         let info = ReadyInfo {
             admin: "127.0.0.1:9090".into(),
+            ssh: Some("127.0.0.1:2222".into()),
             forward: [("rds".to_string(), "0.0.0.0:15432".to_string())].into(),
         };
         write_ready_file(&path, &info).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, r#"{"admin":"127.0.0.1:9090","forward":{"rds":"0.0.0.0:15432"}}"#);
+        assert_eq!(
+            text,
+            r#"{"admin":"127.0.0.1:9090","ssh":"127.0.0.1:2222","forward":{"rds":"0.0.0.0:15432"}}"#
+        );
     }
 }

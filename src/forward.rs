@@ -203,7 +203,13 @@ impl Route {
     }
 
     async fn connect(&self) -> Result<TcpStream, ConnectError> {
-        upstream::connect(&self.watch, self.config.target.port, self.config.connect_timeout, |_| Ok(())).await
+        upstream::connect(
+            &self.watch,
+            self.config.target.port,
+            self.config.connect_timeout,
+            |_| Ok(()),
+        )
+        .await
     }
 }
 

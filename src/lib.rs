@@ -6,7 +6,8 @@
 //! - `forward`: a DNS-watching TCP port forwarder for an NLB / PrivateLink
 //!   target: new connections follow the database's current address, and
 //!   connections left on an old one can be closed after a failover.
-//! - `ssh` (later): a forwarding-only SSH server.
+//! - `ssh`: a forwarding-only SSH server: public keys only, `direct-tcpip`
+//!   channels only, and only to allow-listed databases.
 //! - `tunnel` (later): an autossh-style reverse tunnel client.
 //!
 //! Roles share [`relay`] (bytes), [`dns`] (names) and, later, `policy`; they
@@ -21,5 +22,7 @@ pub mod dns;
 pub mod forward;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod relay;
+pub mod ssh;
 pub mod upstream;

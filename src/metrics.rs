@@ -22,6 +22,11 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "jumpgate_upstream_connect_seconds";
 pub const DNS_LOOKUPS: &str = "jumpgate_dns_lookups_total";
 pub const DNS_CHANGES: &str = "jumpgate_dns_changes_total";
 pub const BUILD_INFO: &str = "jumpgate_build_info";
+pub const SSH_CONNECTIONS: &str = "jumpgate_ssh_connections_total";
+pub const SSH_AUTH: &str = "jumpgate_ssh_auth_total";
+pub const SSH_SESSIONS_ACTIVE: &str = "jumpgate_ssh_sessions_active";
+pub const SSH_CHANNELS: &str = "jumpgate_ssh_channels_total";
+pub const SSH_CHANNELS_ACTIVE: &str = "jumpgate_ssh_channels_active";
 
 /// Connect latencies from loopback (sub-millisecond) to a slow cross-AZ
 /// handshake near `connect_timeout`.
@@ -74,5 +79,16 @@ fn describe() {
     );
     describe_counter!(DNS_LOOKUPS, "DNS lookups of watched names, by result (ok, error).");
     describe_counter!(DNS_CHANGES, "Changes of a watched name's address set.");
+    describe_counter!(
+        SSH_CONNECTIONS,
+        "SSH connections by result (accepted, source_refused, startups_full, login_timeout, proxy_rejected)."
+    );
+    describe_counter!(SSH_AUTH, "SSH authentication attempts by result (accepted, rejected).");
+    describe_gauge!(SSH_SESSIONS_ACTIVE, "Authenticated SSH sessions open now.");
+    describe_counter!(
+        SSH_CHANNELS,
+        "direct-tcpip channel requests by result (opened, denied, connect_failed)."
+    );
+    describe_gauge!(SSH_CHANNELS_ACTIVE, "SSH channels open now.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
 }

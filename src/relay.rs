@@ -120,6 +120,117 @@ pub async fn tcp(client: &TcpStream, upstream: &TcpStream, meter: &Meter) -> Res
     Ok(())
 }
 
+/// Largest read from a TCP socket into an SSH channel at once; russh cuts it
+/// into packets of the channel's maximum packet size.
+const CHANNEL_CHUNK: usize = 256 * 1024;
+
+/// Relays between an SSH channel (either side of russh: server or client)
+/// and a TCP connection. `up` counts channel → TCP bytes, `down` TCP →
+/// channel. A channel EOF half-closes the TCP side and the other direction
+/// keeps flowing; a channel close ends the relay. An idle relay holds no
+/// buffer: TCP bytes are read only once the socket is readable, and channel
+/// data arrives in buffers russh already holds.
+///
+/// When `stop` resolves first, the channel is closed properly (the client
+/// sees the close) and its reason is returned as `Ok(Some(reason))`.
+pub async fn channel<S>(
+    channel: russh::Channel<S>,
+    tcp: &TcpStream,
+    meter: &Meter,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<Option<&'static str>, RelayError>
+where
+    S: From<(russh::ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
+{
+    let (rx, tx) = channel.split();
+    let channel_err = |e: russh::Error| RelayError {
+        side: Side::Client,
+        source: io::Error::other(e.to_string()),
+    };
+    // Until the channel's EOF: hands the read half back then, so the loop
+    // below can still see the client's close while the answer flows.
+    let up = async move {
+        let mut rx = rx;
+        loop {
+            match rx.wait().await {
+                Some(russh::ChannelMsg::Data { data }) => {
+                    write_all(tcp, &data).await.map_err(|source| RelayError {
+                        side: Side::Upstream,
+                        source,
+                    })?;
+                    meter.add(Dir::Up, data.len());
+                }
+                Some(russh::ChannelMsg::Eof) => {
+                    finish(tcp).map_err(|source| RelayError {
+                        side: Side::Upstream,
+                        source,
+                    })?;
+                    return Ok::<_, RelayError>(Some(rx));
+                }
+                Some(russh::ChannelMsg::Close) | None => return Ok(None),
+                Some(_) => {}
+            }
+        }
+    };
+    let down = async {
+        loop {
+            tcp.readable().await.map_err(|source| RelayError {
+                side: Side::Upstream,
+                source,
+            })?;
+            let mut buf = bytes::BytesMut::with_capacity(CHANNEL_CHUNK);
+            match tcp.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    tx.eof().await.map_err(channel_err)?;
+                    return Ok::<(), RelayError>(());
+                }
+                Ok(n) => {
+                    tx.data_bytes(buf.freeze()).await.map_err(channel_err)?;
+                    meter.add(Dir::Down, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(RelayError {
+                        side: Side::Upstream,
+                        source,
+                    });
+                }
+            }
+        }
+    };
+    tokio::pin!(up, down, stop);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut rest: Option<russh::ChannelReadHalf> = None;
+    let result = loop {
+        if up_done && down_done {
+            // Both EOFs passed: the server closes first (OpenSSH clients
+            // wait for our close before sending theirs).
+            break Ok(None);
+        }
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(Some(rx)) => {
+                    up_done = true;
+                    rest = Some(rx);
+                }
+                Ok(None) => break Ok(None),
+                Err(e) => break Err(e),
+            },
+            msg = async { rest.as_mut()?.wait().await }, if rest.is_some() => match msg {
+                Some(russh::ChannelMsg::Close) | None => break Ok(None),
+                Some(_) => {}
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => break Err(e),
+            },
+            reason = &mut stop => break Ok(Some(reason)),
+        }
+    };
+    let _ = tx.close().await;
+    result
+}
+
 /// Size of the copy buffer when no pipe can be had.
 const BUFFER_SIZE: usize = 64 * 1024;
 

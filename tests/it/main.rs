@@ -4,4 +4,5 @@
 
 mod config;
 mod forward;
+mod ssh;
 mod support;

@@ -130,6 +130,8 @@ pub struct Daemon {
     pub admin: SocketAddr,
     /// Each forward route's bound address, from the ready file.
     pub forwards: HashMap<String, SocketAddr>,
+    /// The SSH role's bound address, from the ready file (when `[ssh]` is on).
+    pub ssh: Option<SocketAddr>,
 }
 
 /// Why a daemon did not become ready.
@@ -228,6 +230,7 @@ impl Daemon {
                     .collect()
             })
             .unwrap_or_default();
+        let ssh = json["ssh"].as_str().map(addr);
         Ok(Self {
             child,
             _dir: dir,
@@ -235,6 +238,7 @@ impl Daemon {
             exit: None,
             admin,
             forwards,
+            ssh,
         })
     }
 

@@ -7,6 +7,7 @@
 pub mod daemon;
 pub mod dns;
 pub mod pg;
+pub mod ssh;
 pub mod upstream;
 
 use std::collections::hash_map::DefaultHasher;
