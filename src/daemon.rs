@@ -316,6 +316,10 @@ impl App {
             for line in server.fingerprints() {
                 eprintln!("ssh host key: {line}");
             }
+            if let Some(cmd) = server.example_command() {
+                info!(command = %cmd, "ssh ready to use");
+                eprintln!("ssh: try  {cmd}");
+            }
             tasks.spawn(server.serve(stop_accepting.clone(), cut.clone(), conns.clone()));
         }
         for f in forwards {

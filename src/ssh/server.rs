@@ -91,6 +91,43 @@ const KEY_ALGORITHMS: &[Algorithm] = &[
     },
 ];
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn russh_config_has_no_inactivity_timeout_and_only_modern_algorithms() {
+        let text = "[ssh]\nkeepalive = \"7s\"\nkeepalive_max = 4\nmax_auth_attempts = 5\n[[ssh.user]]\nname = \"u\"\nauthorized_keys = \"k\"\n[[ssh.allow]]\ncidr = \"10.0.0.0/8\"\nports = [5432]\n";
+        let config = Config::parse(text, "test").unwrap().ssh.unwrap();
+        let c = russh_config(&config, &[]);
+        assert_eq!(
+            c.inactivity_timeout, None,
+            "a silent database connection must not be cut"
+        );
+        assert_eq!(c.keepalive_interval, Some(Duration::from_secs(7)));
+        assert_eq!(c.keepalive_max, 4);
+        assert_eq!(c.max_auth_attempts, 5);
+        assert_eq!(
+            c.auth_rejection_time_initial,
+            Some(Duration::ZERO),
+            "the none probe is not delayed"
+        );
+        assert!(
+            !c.preferred.key.contains(&Algorithm::Rsa { hash: None }),
+            "no SHA-1 ssh-rsa"
+        );
+        assert!(c.preferred.cipher.contains(&cipher::AES_128_GCM));
+        let kex: Vec<&str> = c.preferred.kex.iter().map(|k| k.as_ref()).collect();
+        assert_eq!(kex.first(), Some(&"mlkem768x25519-sha256"));
+        assert!(
+            kex.contains(&"kex-strict-s-v00@openssh.com"),
+            "strict kex (Terrapin) stays on"
+        );
+        assert_eq!(c.methods.iter().count(), 1, "public key only");
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SshStartError {
     #[error(transparent)]
@@ -258,6 +295,29 @@ impl SshServer {
         &self.fingerprints
     }
 
+    /// A ready-to-paste `ssh -N -L` line for the first user and allow rule.
+    pub fn example_command(&self) -> Option<String> {
+        let addr = self.local_addr().ok()?;
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let user = self.shared.users.first()?;
+        let rule = self.shared.config.policy.allow.first()?;
+        let port = *rule.ports.first()?;
+        let target = match &rule.target {
+            crate::policy::RuleTarget::Host(_) if !rule.label.contains('*') => rule.label.clone(),
+            _ => "<database-host>".to_string(),
+        };
+        let local = port.checked_add(20000).unwrap_or(port);
+        Some(format!(
+            "ssh -N -L {local}:{target}:{port} -p {} {}@{host}   # then connect your client to 127.0.0.1:{local}",
+            addr.port(),
+            user.name
+        ))
+    }
+
     /// Ready when bound (always, once this exists), host keys loaded (ditto)
     /// and at least one user key loaded.
     pub fn readiness(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
@@ -344,6 +404,12 @@ async fn connection(
 ) {
     let _open = shared.activity.enter();
     let _ = socket.set_nodelay(true);
+    // With russh's inactivity timeout off, a write to a client that vanished
+    // would wait forever; bound it like the keepalives bound a silent one.
+    let dead_after = shared.config.keepalive * (shared.config.keepalive_max as u32 + 1);
+    if let Err(e) = socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(dead_after)) {
+        debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
     let grace = shared.config.login_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let (authed_tx, authed_rx) = oneshot::channel();
