@@ -16,8 +16,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 /// A readiness check: `Err` carries the one-line reason.
 pub type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -80,6 +87,15 @@ struct AdminState {
     prometheus: PrometheusHandle,
 }
 
+/// Admin connections served at once; more are closed at accept. A load
+/// balancer's health checks and a Prometheus scraper need a handful.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this (hyper's own timeout
+/// is off under `axum::serve`, which sets no timer).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one (keep-alive) admin connection.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves the admin endpoint on `listener` until `stop` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -93,9 +109,37 @@ pub async fn serve(
         .route("/readyz", get(readyz_all))
         .route("/readyz/{*part}", get(readyz_part))
         .with_state(AdminState { health, prometheus });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return Ok(()),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "admin: too many connections; closing this one");
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!(%peer, error = %e, "admin connection ended"); },
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+                () = stop.cancelled() => {}
+            }
+            drop(slot);
+        });
+    }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -150,6 +194,45 @@ mod tests {
             "overall needs every part"
         );
         assert_eq!(h.check(Some("forward/c")), None, "unknown part");
+    }
+
+    async fn start() -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(health()), prometheus, stop.clone()));
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn answers_readiness_over_http() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, stop) = start().await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /readyz/forward/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.ends_with("forward \"b\": no address yet\n"), "{text}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_is_closed() {
+        use tokio::io::AsyncReadExt;
+        let (addr, stop) = start().await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(HEADER_READ_TIMEOUT + Duration::from_secs(3), c.read(&mut buf))
+            .await
+            .expect("the admin endpoint closes a silent connection after the header timeout")
+            .unwrap_or(0);
+        // hyper answers 408 or just closes; either way the connection ends.
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+        assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "{:?}", &buf[..n]);
+        stop.cancel();
     }
 
     #[test]

@@ -327,7 +327,7 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("JG_DUMP").is_some() {
             let lines = self.stderr_lines();
             let from = lines.len().saturating_sub(300);
             eprintln!(
