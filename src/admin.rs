@@ -130,7 +130,9 @@ pub async fn serve(
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 r = conn => if let Err(e) = r { debug!(%peer, error = %e, "admin connection ended"); },
@@ -199,7 +201,9 @@ mod tests {
     async fn start() -> (std::net::SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
         let stop = CancellationToken::new();
         tokio::spawn(serve(listener, Arc::new(health()), prometheus, stop.clone()));
         (addr, stop)
@@ -210,7 +214,9 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (addr, stop) = start().await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /readyz/forward/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        c.write_all(b"GET /readyz/forward/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut text = String::new();
         c.read_to_string(&mut text).await.unwrap();
         assert!(text.starts_with("HTTP/1.1 503"), "{text}");
@@ -231,7 +237,11 @@ mod tests {
         // hyper answers 408 or just closes; either way the connection ends.
         let mut rest = Vec::new();
         let _ = c.read_to_end(&mut rest).await;
-        assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "{:?}", &buf[..n]);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+            "{:?}",
+            &buf[..n]
+        );
         stop.cancel();
     }
 

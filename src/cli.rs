@@ -50,6 +50,15 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print what the service's connector form needs for each configured role, and what to send the service.
+    SetupInfo {
+        /// Config file, as for `run`.
+        #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print host key fingerprints like `ssh-keygen -l`: the configured host keys, or one key file.
     Fingerprint {
         /// Config whose [ssh] host keys to show (generated ones are read from state_dir).
@@ -76,6 +85,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Keygen { key_type, out } => keygen(key_type, &out),
         Command::Fingerprint { config, key } => fingerprint(&config, key.as_deref()),
+        Command::SetupInfo { config, json } => setup_info(&config, json),
     }
 }
 
@@ -106,6 +116,107 @@ fn keygen(key_type: KeyType, out: &Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn setup_info(path: &Path, json: bool) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    let mut failed = false;
+    let mut tunnels = Vec::new();
+    for t in &config.tunnel {
+        let mut pub_path = t.identity.as_os_str().to_owned();
+        pub_path.push(".pub");
+        let public_key = keys::read_any_public(&t.identity)
+            .or_else(|_| keys::read_any_public(Path::new(&pub_path)))
+            .and_then(|k| {
+                k.to_openssh().map_err(|e| keys::KeyError::Read {
+                    path: t.identity.display().to_string(),
+                    why: e.to_string(),
+                })
+            });
+        let public_key = match public_key {
+            Ok(k) => k,
+            Err(e) => {
+                failed = true;
+                eprintln!("error: tunnel {:?}: {e}", t.name);
+                continue;
+            }
+        };
+        for r in &t.remotes {
+            tunnels.push(serde_json::json!({
+                "tunnel": t.name,
+                "host": "localhost",
+                "port": r.port,
+                "ssh_host": match &t.server.host { Host::Ip(ip) => ip.to_string(), Host::Name(n) => n.clone() },
+                "ssh_port": t.server.port,
+                "ssh_server": t.server.to_string(),
+                "ssh_user": t.user,
+                "public_key": public_key,
+                "connect": r.connect.to_string(),
+            }));
+        }
+    }
+    let mut ssh = serde_json::Value::Null;
+    if let Some(s) = &config.ssh {
+        let fingerprints: Vec<String> = s
+            .host_keys
+            .iter()
+            .filter_map(|source| {
+                let path = match source {
+                    HostKeySource::Path(p) => p.clone(),
+                    HostKeySource::Generate(kind) => config.state_dir.join(kind.file_name()),
+                };
+                keys::read_any_public(&path).ok().map(|k| keys::fingerprint_line(&k))
+            })
+            .collect();
+        ssh = serde_json::json!({
+            "ssh_host": "<this host's public DNS name or its load balancer's>",
+            "ssh_port": s.listen.port(),
+            "ssh_users": s.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>(),
+            "host_key_fingerprints": fingerprints,
+            "databases": s.policy.allow.iter().map(|r| format!("{} ports {:?}", r.label, r.ports)).collect::<Vec<_>>(),
+        });
+    }
+    if json {
+        println!("{}", serde_json::json!({ "tunnels": tunnels, "ssh": ssh }));
+    } else {
+        for t in &tunnels {
+            let field = |k: &str| t[k].as_str().map(str::to_string).unwrap_or_else(|| t[k].to_string());
+            println!(
+                "tunnel {:?}: the service reaches {} through it; in its connector form:",
+                field("tunnel"),
+                field("connect")
+            );
+            println!("  Host:       localhost");
+            println!("  Port:       {}", field("port"));
+            println!("  SSH host:   {}:{}", field("ssh_host"), field("ssh_port"));
+            println!("  SSH user:   {}", field("ssh_user"));
+            println!("  public key: {}", field("public_key"));
+            println!("  (send the service this public key, jumpgate's identity, and the port above)");
+        }
+        if !ssh.is_null() {
+            println!("ssh bastion (the service connects to jumpgate over SSH)");
+            println!("  in the service's connector form:");
+            println!("    SSH host:  {}", ssh["ssh_host"].as_str().unwrap_or_default());
+            println!("    SSH port:  {}", ssh["ssh_port"]);
+            for u in ssh["ssh_users"].as_array().into_iter().flatten() {
+                println!("    SSH user:  {}", u.as_str().unwrap_or_default());
+            }
+            println!("  approve the host key the service shows only if it is one of these:");
+            let fps = ssh["host_key_fingerprints"].as_array().cloned().unwrap_or_default();
+            if fps.is_empty() {
+                println!("    (no host key yet: `jumpgate run` generates them on first start)");
+            }
+            for f in fps {
+                println!("    {}", f.as_str().unwrap_or_default());
+            }
+        }
+        if tunnels.is_empty() && ssh.is_null() {
+            println!("nothing to set up: the config has neither [ssh] nor [[tunnel]]");
+        }
+    }
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
 fn fingerprint(config: &Path, key: Option<&Path>) -> ExitCode {
@@ -269,6 +380,31 @@ fn check(path: &Path) -> ExitCode {
             println!(
                 "warning: [ssh] deny lets channels reach loopback or the instance metadata address (169.254.169.254): \
                  fine for a local demo, dangerous on a bastion (remove `deny` to get the safe default)"
+            );
+        }
+    }
+    for t in &config.tunnel {
+        let server_key = match &t.server_key {
+            crate::config::ServerKey::Fingerprint(fp) => format!("server key {fp}"),
+            crate::config::ServerKey::KnownHosts(p) => format!("server key from {}", p.display()),
+        };
+        println!(
+            "tunnel   {:?}  {}@{}  ({server_key}; keepalive {:?} x {})",
+            t.name, t.user, t.server, t.keepalive, t.keepalive_max
+        );
+        if let Err(e) = keys::read_private(&t.identity) {
+            warnings += 1;
+            println!("warning: tunnel {:?}: identity: {e}", t.name);
+        }
+        for r in &t.remotes {
+            let bind = if r.bind_address.is_empty() {
+                "*"
+            } else {
+                r.bind_address.as_str()
+            };
+            println!(
+                "tunnel   {:?}  server listens on {bind}:{} -> {}  (/readyz/tunnel/{})",
+                t.name, r.port, r.connect, t.name
             );
         }
     }

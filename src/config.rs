@@ -69,7 +69,7 @@ struct RawConfig {
     ssh: Option<RawSsh>,
     service: Option<toml::Value>,
     #[serde(default)]
-    tunnel: Vec<toml::Value>,
+    tunnel: Vec<RawTunnel>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -282,6 +282,39 @@ struct RawSshAllow {
     ports: Vec<u16>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    name: Option<String>,
+    server: Option<String>,
+    user: Option<String>,
+    identity: Option<PathBuf>,
+    server_fingerprint: Option<String>,
+    known_hosts: Option<PathBuf>,
+    #[serde(default = "default_tunnel_keepalive")]
+    keepalive: String,
+    #[serde(default = "default_tunnel_keepalive_max")]
+    keepalive_max: usize,
+    #[serde(default)]
+    remote: Vec<RawRemote>,
+}
+
+fn default_tunnel_keepalive() -> String {
+    "10s".into()
+}
+fn default_tunnel_keepalive_max() -> usize {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    listen: Option<String>,
+    connect: Option<String>,
+    #[serde(default = "default_on_change")]
+    on_change: String,
+}
+
 // ----------------------------------------------------------- validated form
 
 /// The validated config.
@@ -297,6 +330,40 @@ pub struct Config {
     pub forward: Vec<ForwardConfig>,
     /// None: the ssh role is off.
     pub ssh: Option<SshConfig>,
+    pub tunnel: Vec<TunnelConfig>,
+}
+
+/// How a tunnel authenticates the server it dials: never trust on first use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerKey {
+    /// `SHA256:...` as `ssh-keygen -l` prints it.
+    Fingerprint(String),
+    /// An OpenSSH known_hosts file.
+    KnownHosts(PathBuf),
+}
+
+/// `[[tunnel]]`: a reverse tunnel to the service's SSH host.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub name: String,
+    pub server: Target,
+    pub user: String,
+    pub identity: PathBuf,
+    pub server_key: ServerKey,
+    pub keepalive: Duration,
+    pub keepalive_max: usize,
+    pub remotes: Vec<RemoteConfig>,
+}
+
+/// `[[tunnel.remote]]`: one port the server listens on for us.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// The bind address sent in `tcpip-forward`, as `ssh -R` sends it
+    /// ("localhost" for a bare port).
+    pub bind_address: String,
+    pub port: u16,
+    pub connect: Target,
+    pub on_change: OnChange,
 }
 
 /// Where a host key comes from.
@@ -497,13 +564,6 @@ impl Ctx<'_> {
 impl RawConfig {
     fn validate(self, file: &str) -> Result<Config, ConfigError> {
         let cx = Ctx { file };
-        if !self.tunnel.is_empty() {
-            return Err(cx.err(
-                "[[tunnel]] #1",
-                "tunnel",
-                "the tunnel role is not built in this version yet (remove the [[tunnel]] tables)",
-            ));
-        }
         if self.service.is_some() {
             return Err(cx.err(
                 "[service]",
@@ -670,6 +730,22 @@ impl RawConfig {
             None => None,
         };
 
+        let mut tunnel: Vec<TunnelConfig> = Vec::new();
+        for (i, raw) in self.tunnel.into_iter().enumerate() {
+            let t = raw.validate(&cx, i + 1)?;
+            if tunnel.iter().any(|other| other.name == t.name) {
+                return Err(cx.err(
+                    format!("[[tunnel]] #{} {:?}", i + 1, t.name),
+                    "name",
+                    format!(
+                        "{:?} is used by an earlier [[tunnel]] (give each tunnel its own name)",
+                        t.name
+                    ),
+                ));
+            }
+            tunnel.push(t);
+        }
+
         Ok(Config {
             file: file.to_string(),
             state_dir: self.state_dir,
@@ -682,7 +758,181 @@ impl RawConfig {
             dns,
             forward,
             ssh,
+            tunnel,
         })
+    }
+}
+
+impl RawTunnel {
+    fn validate(self, cx: &Ctx, index: usize) -> Result<TunnelConfig, ConfigError> {
+        let Some(name) = self.name else {
+            return Err(cx.err(
+                format!("[[tunnel]] #{index}"),
+                "name",
+                "missing (add e.g. name = \"fivetran\")",
+            ));
+        };
+        let table = format!("[[tunnel]] #{index} {name:?}");
+        check_name(&name).map_err(|why| cx.err(&table, "name", why))?;
+        let Some(server) = self.server else {
+            return Err(cx.err(
+                &table,
+                "server",
+                "missing (add e.g. server = \"tunnel.example.com:22\")",
+            ));
+        };
+        // A bare host means port 22, as for ssh.
+        let server = parse_target(&server)
+            .or_else(|first| {
+                if server.contains(':') {
+                    Err(first)
+                } else {
+                    parse_target(&format!("{server}:22"))
+                }
+            })
+            .map_err(|why| cx.err(&table, "server", why))?;
+        let Some(user) = self.user.filter(|u| !u.is_empty()) else {
+            return Err(cx.err(
+                &table,
+                "user",
+                "missing (add the user the service told you, e.g. user = \"fivetran\")",
+            ));
+        };
+        let Some(identity) = self.identity else {
+            return Err(cx.err(
+                &table,
+                "identity",
+                "missing (make a key with `jumpgate keygen --type ed25519 --out state/tunnel_ed25519` and write identity = \"state/tunnel_ed25519\")",
+            ));
+        };
+        let how = format!(
+            "get it with `ssh-keyscan -p {port} {host} | ssh-keygen -lf -` and compare it with what the service shows",
+            port = server.port,
+            host = match &server.host {
+                Host::Ip(ip) => ip.to_string(),
+                Host::Name(n) => n.clone(),
+            }
+        );
+        let server_key = match (self.server_fingerprint, self.known_hosts) {
+            (Some(_), Some(_)) => {
+                return Err(cx.err(
+                    &table,
+                    "server_fingerprint",
+                    "both server_fingerprint and known_hosts set (keep one)",
+                ));
+            }
+            (Some(fp), None) => {
+                let body = fp.strip_prefix("SHA256:").unwrap_or("");
+                let valid = body.len() == 43 && body.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+                if !valid {
+                    return Err(cx.err(
+                        &table,
+                        "server_fingerprint",
+                        format!("{fp:?} is not a SHA256 fingerprint like \"SHA256:\" + 43 base64 characters ({how})"),
+                    ));
+                }
+                ServerKey::Fingerprint(fp)
+            }
+            (None, Some(path)) => ServerKey::KnownHosts(path),
+            (None, None) => {
+                return Err(cx.err(
+                    &table,
+                    "server_fingerprint",
+                    format!("missing: jumpgate never trusts a server key on first use; set server_fingerprint = \"SHA256:...\" or known_hosts = \"path\" ({how})"),
+                ));
+            }
+        };
+        let keepalive = cx.duration(&table, "keepalive", &self.keepalive)?;
+        if keepalive.is_zero() {
+            return Err(cx.err(
+                &table,
+                "keepalive",
+                "must be more than 0: keepalives are how a hung tunnel is found (write e.g. \"10s\")",
+            ));
+        }
+        if self.keepalive_max == 0 {
+            return Err(cx.err(&table, "keepalive_max", "must be at least 1"));
+        }
+        if self.remote.is_empty() {
+            return Err(cx.err(
+                &table,
+                "remote",
+                "no [[tunnel.remote]] (add one with listen = \"localhost:11433\" and connect = \"db.internal:1433\")",
+            ));
+        }
+        let mut remotes: Vec<RemoteConfig> = Vec::new();
+        for (j, raw) in self.remote.into_iter().enumerate() {
+            let rtable = format!("{table} [[tunnel.remote]] #{}", j + 1);
+            let Some(listen) = raw.listen else {
+                return Err(cx.err(&rtable, "listen", "missing (write e.g. listen = \"localhost:11433\")"));
+            };
+            let (bind_address, port) = parse_remote_listen(&listen).map_err(|why| cx.err(&rtable, "listen", why))?;
+            if remotes.iter().any(|r| r.port == port) {
+                return Err(cx.err(
+                    &rtable,
+                    "listen",
+                    format!("port {port} is used by an earlier remote of this tunnel"),
+                ));
+            }
+            let Some(connect) = raw.connect else {
+                return Err(cx.err(
+                    &rtable,
+                    "connect",
+                    "missing (write e.g. connect = \"db.internal:1433\")",
+                ));
+            };
+            let connect = parse_target(&connect).map_err(|why| cx.err(&rtable, "connect", why))?;
+            let on_change = parse_on_change(cx, &rtable, &raw.on_change)?;
+            remotes.push(RemoteConfig {
+                bind_address,
+                port,
+                connect,
+                on_change,
+            });
+        }
+        Ok(TunnelConfig {
+            name,
+            server,
+            user,
+            identity,
+            server_key,
+            keepalive,
+            keepalive_max: self.keepalive_max,
+            remotes,
+        })
+    }
+}
+
+/// `ssh -R` listen forms: "11433" and "localhost:11433" (the server's
+/// loopback), "0.0.0.0:11433", "127.0.0.1:11433", "[::1]:11433".
+fn parse_remote_listen(text: &str) -> Result<(String, u16), String> {
+    let high = |port: u16| -> Result<u16, String> {
+        if port == 0 {
+            Err(format!(
+                "port 0 in {text:?} (write the high port the service expects, e.g. \"localhost:11433\")"
+            ))
+        } else {
+            Ok(port)
+        }
+    };
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(("localhost".into(), high(port)?));
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), high(addr.port())?));
+    }
+    match text.rsplit_once(':') {
+        Some(("localhost", port)) => match port.parse::<u16>() {
+            Ok(p) => Ok(("localhost".into(), high(p)?)),
+            Err(_) => Err(format!("bad port in {text:?} (write e.g. \"localhost:11433\")")),
+        },
+        Some(("*", port)) => match port.parse::<u16>() {
+            Ok(p) => Ok(("".into(), high(p)?)),
+            Err(_) => Err(format!("bad port in {text:?} (write e.g. \"0.0.0.0:11433\")")),
+        },
+        _ => Err(format!(
+            "not a remote listen address: {text:?} (write \"localhost:11433\", a bare \"11433\", or \"0.0.0.0:11433\")"
+        )),
     }
 }
 
@@ -1092,6 +1342,43 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Text);
     }
 
+    const FP: &str = "server_fingerprint = \"SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8\"\n";
+    const REMOTE: &str = "[[tunnel.remote]]\nlisten = \"localhost:11433\"\nconnect = \"db.internal:1433\"\n";
+
+    /// A [[tunnel]] with `extra` keys, then `remotes`.
+    fn tunnel(extra: &str, remotes: &str) -> String {
+        format!(
+            "[[tunnel]]\nname = \"t\"\nserver = \"tunnel.example.com\"\nuser = \"fivetran\"\nidentity = \"state/id\"\n{extra}{remotes}"
+        )
+    }
+
+    #[test]
+    fn tunnel_remote_listen_forms() {
+        let cases: &[(&str, (&str, u16))] = &[
+            ("11433", ("localhost", 11433)),
+            ("localhost:11433", ("localhost", 11433)),
+            ("0.0.0.0:11433", ("0.0.0.0", 11433)),
+            ("127.0.0.1:11434", ("127.0.0.1", 11434)),
+            ("[::1]:11433", ("::1", 11433)),
+            ("*:11433", ("", 11433)),
+        ];
+        for (text, (addr, port)) in cases {
+            assert_eq!(parse_remote_listen(text), Ok((addr.to_string(), *port)), "{text}");
+        }
+        let c = Config::parse(&tunnel(FP, REMOTE), FILE).unwrap();
+        let t = &c.tunnel[0];
+        assert_eq!(
+            t.server,
+            Target {
+                host: Host::Name("tunnel.example.com".into()),
+                port: 22
+            },
+            "a bare host is port 22"
+        );
+        assert_eq!((t.keepalive, t.keepalive_max), (Duration::from_secs(10), 1));
+        assert_eq!(t.remotes[0].connect.port, 1433);
+    }
+
     const RULE: &str = "[[ssh.allow]]\nhost = \"db.example.com\"\nports = [5432]\n";
 
     /// An [ssh] table with one user, `extra` keys in [ssh] and `rules` after.
@@ -1187,7 +1474,18 @@ mod tests {
             ("ssh service_group not built", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nservice_group = \"g\"\n".into(), "[[ssh.user]] #1 \"fivetran\": service_group: fetching the service's key is not built"),
             ("ssh bad user permitopen", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\npermitopen = [\"db\"]\n".into(), "[[ssh.user]] #1 \"fivetran\": permitopen:"),
             ("ssh unknown field", ssh("shell = true\n", RULE), "unknown field `shell`"),
-            ("tunnel not built", "[[tunnel]]\nname = \"t\"\n".into(), "[[tunnel]] #1: tunnel: the tunnel role is not built"),
+            ("tunnel without server", "[[tunnel]]\nname = \"t\"\n".into(), "[[tunnel]] #1 \"t\": server: missing"),
+            ("tunnel without fingerprint", tunnel("", REMOTE), "[[tunnel]] #1 \"t\": server_fingerprint: missing: jumpgate never trusts a server key on first use; set server_fingerprint = \"SHA256:...\" or known_hosts = \"path\" (get it with `ssh-keyscan -p 22 tunnel.example.com | ssh-keygen -lf -`"),
+            ("tunnel bad fingerprint", tunnel("server_fingerprint = \"MD5:aa\"\n", REMOTE), "[[tunnel]] #1 \"t\": server_fingerprint: \"MD5:aa\" is not a SHA256 fingerprint"),
+            ("tunnel both keys", tunnel(&format!("{FP}known_hosts = \"k\"\n"), REMOTE), "[[tunnel]] #1 \"t\": server_fingerprint: both"),
+            ("tunnel without remote", tunnel(FP, ""), "[[tunnel]] #1 \"t\": remote: no [[tunnel.remote]]"),
+            ("tunnel remote port 0", tunnel(FP, "[[tunnel.remote]]\nlisten = \"localhost:0\"\nconnect = \"db:1\"\n"), "[[tunnel.remote]] #1: listen: port 0"),
+            ("tunnel remote bad listen", tunnel(FP, "[[tunnel.remote]]\nlisten = \"db.example.com:11433\"\nconnect = \"db:1\"\n"), "[[tunnel]] #1 \"t\" [[tunnel.remote]] #1: listen: not a remote listen address"),
+            ("tunnel remote without connect", tunnel(FP, "[[tunnel.remote]]\nlisten = \"11433\"\n"), "[[tunnel.remote]] #1: connect: missing"),
+            ("tunnel remote connect without port", tunnel(FP, "[[tunnel.remote]]\nlisten = \"11433\"\nconnect = \"db.internal\"\n"), "[[tunnel.remote]] #1: connect: no port in \"db.internal\""),
+            ("tunnel zero keepalive", tunnel(&format!("{FP}keepalive = \"0s\"\n"), REMOTE), "[[tunnel]] #1 \"t\": keepalive: must be more than 0"),
+            ("tunnel without identity", "[[tunnel]]\nname = \"t\"\nserver = \"a.b:22\"\nuser = \"u\"\n".into(), "identity: missing (make a key with `jumpgate keygen"),
+            ("tunnel duplicate name", format!("{}{}", tunnel(FP, REMOTE), tunnel(FP, REMOTE)), "[[tunnel]] #2 \"t\": name: \"t\" is used by an earlier [[tunnel]]"),
             ("service not built", "[service]\napi_url = \"https://x\"\n".into(), "[service]: service: the service API client is not built"),
         ];
         for (case, text, want) in cases {

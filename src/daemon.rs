@@ -30,6 +30,7 @@ use crate::dns::{self, Watch};
 use crate::forward::{self, Forwarder};
 use crate::policy::RuleTarget;
 use crate::ssh::server::{SshServer, SshStartError};
+use crate::tunnel::Tunnel;
 
 /// A start-up error: printed as is, then the process exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,12 @@ pub enum StartError {
     HostKey {
         file: String,
         source: crate::ssh::keys::KeyError,
+    },
+    #[error("{file}: {table}: {source}")]
+    Tunnel {
+        file: String,
+        table: String,
+        source: crate::tunnel::TunnelError,
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
@@ -110,6 +117,9 @@ pub struct ReadyInfo {
     pub ssh: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub forward: BTreeMap<String, String>,
+    /// Each tunnel's state at that moment: "connecting" or "up".
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tunnel: BTreeMap<String, String>,
 }
 
 /// Why `run` returned.
@@ -130,6 +140,7 @@ pub struct App {
     forwards: Vec<Forwarder>,
     watches: Vec<Watch>,
     ssh: Option<SshServer>,
+    tunnels: Vec<Tunnel>,
     /// Stops the admin endpoint and DNS watchers, last.
     background: CancellationToken,
     health: Arc<Health>,
@@ -149,7 +160,11 @@ impl App {
             .ssh
             .as_ref()
             .is_some_and(|s| s.policy.allow.iter().any(|r| matches!(r.target, RuleTarget::Host(_))));
-        let needs_resolver = ssh_names || config.forward.iter().any(|f| matches!(f.target.host, Host::Name(_)));
+        let tunnel_names = config.tunnel.iter().any(|t| {
+            matches!(t.server.host, Host::Name(_)) || t.remotes.iter().any(|r| matches!(r.connect.host, Host::Name(_)))
+        });
+        let needs_resolver =
+            ssh_names || tunnel_names || config.forward.iter().any(|f| matches!(f.target.host, Host::Name(_)));
         let resolver = if needs_resolver {
             Some(dns::Resolver::new(&config.dns).map_err(|source| StartError::Dns {
                 file: file.clone(),
@@ -227,6 +242,23 @@ impl App {
             None => None,
         };
 
+        let mut tunnels = Vec::new();
+        for (i, t) in config.tunnel.iter().enumerate() {
+            let tunnel = Tunnel::new(
+                t.clone(),
+                resolver.as_ref(),
+                (config.dns.min_ttl, config.dns.max_ttl),
+                activity.clone(),
+            )
+            .map_err(|source| StartError::Tunnel {
+                file: file.clone(),
+                table: format!("[[tunnel]] #{} {:?}", i + 1, t.name),
+                source,
+            })?;
+            watches.extend(tunnel.watches());
+            tunnels.push(tunnel);
+        }
+
         let mut parts: Vec<(String, Check)> = forwards
             .iter()
             .map(|f| (format!("forward/{}", f.name()), Box::new(f.readiness()) as Check))
@@ -234,7 +266,11 @@ impl App {
         if let Some(s) = &ssh {
             parts.push(("ssh".into(), Box::new(s.readiness())));
         }
+        for t in &tunnels {
+            parts.push((format!("tunnel/{}", t.name()), Box::new(t.readiness())));
+        }
         Ok(App {
+            tunnels,
             ssh,
             background,
             config,
@@ -253,6 +289,11 @@ impl App {
         ReadyInfo {
             admin: addr(self.admin.local_addr()),
             ssh: self.ssh.as_ref().map(|s| addr(s.local_addr())),
+            tunnel: self
+                .tunnels
+                .iter()
+                .map(|t| (t.name().to_string(), t.state_word().to_string()))
+                .collect(),
             forward: self
                 .forwards
                 .iter()
@@ -278,6 +319,7 @@ impl App {
             activity,
             prometheus,
             ssh,
+            tunnels,
             background,
         } = self;
 
@@ -321,6 +363,13 @@ impl App {
                 eprintln!("ssh: try  {cmd}");
             }
             tasks.spawn(server.serve(stop_accepting.clone(), cut.clone(), conns.clone()));
+        }
+        for t in tunnels {
+            let span = info_span!("tunnel", name = %t.name());
+            tasks.spawn(
+                t.run(stop_accepting.clone(), cut.clone(), conns.clone())
+                    .instrument(span),
+            );
         }
         for f in forwards {
             info!(route = %f.name(), listen = %f.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "forward route listening");
@@ -516,12 +565,13 @@ mod tests {
             admin: "127.0.0.1:9090".into(),
             ssh: Some("127.0.0.1:2222".into()),
             forward: [("rds".to_string(), "0.0.0.0:15432".to_string())].into(),
+            tunnel: [("fivetran".to_string(), "connecting".to_string())].into(),
         };
         write_ready_file(&path, &info).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text,
-            r#"{"admin":"127.0.0.1:9090","ssh":"127.0.0.1:2222","forward":{"rds":"0.0.0.0:15432"}}"#
+            r#"{"admin":"127.0.0.1:9090","ssh":"127.0.0.1:2222","forward":{"rds":"0.0.0.0:15432"},"tunnel":{"fivetran":"connecting"}}"#
         );
     }
 }

@@ -8,7 +8,7 @@
 //!   connections left on an old one can be closed after a failover.
 //! - `ssh`: a forwarding-only SSH server: public keys only, `direct-tcpip`
 //!   channels only, and only to allow-listed databases.
-//! - `tunnel` (later): an autossh-style reverse tunnel client.
+//! - `tunnel`: an autossh-style reverse tunnel client that reconnects forever.
 //!
 //! Roles share [`relay`] (bytes), [`dns`] (names) and, later, `policy`; they
 //! never call each other. [`daemon::App`] binds and runs them with the admin
@@ -25,4 +25,5 @@ pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod ssh;
+pub mod tunnel;
 pub mod upstream;

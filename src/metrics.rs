@@ -22,6 +22,9 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "jumpgate_upstream_connect_seconds";
 pub const DNS_LOOKUPS: &str = "jumpgate_dns_lookups_total";
 pub const DNS_CHANGES: &str = "jumpgate_dns_changes_total";
 pub const BUILD_INFO: &str = "jumpgate_build_info";
+pub const TUNNEL_UP: &str = "jumpgate_tunnel_up";
+pub const TUNNEL_RECONNECTS: &str = "jumpgate_tunnel_reconnects_total";
+pub const TUNNEL_FAILURES: &str = "jumpgate_tunnel_failures_total";
 pub const SSH_CONNECTIONS: &str = "jumpgate_ssh_connections_total";
 pub const SSH_AUTH: &str = "jumpgate_ssh_auth_total";
 pub const SSH_SESSIONS_ACTIVE: &str = "jumpgate_ssh_sessions_active";
@@ -90,5 +93,17 @@ fn describe() {
         "direct-tcpip channel requests by result (opened, denied, connect_failed)."
     );
     describe_gauge!(SSH_CHANNELS_ACTIVE, "SSH channels open now.");
+    describe_gauge!(
+        TUNNEL_UP,
+        "1 while the tunnel is connected with every remote forward granted, else 0."
+    );
+    describe_counter!(
+        TUNNEL_RECONNECTS,
+        "Times a tunnel dialled again after its previous connection ended or failed."
+    );
+    describe_counter!(
+        TUNNEL_FAILURES,
+        "Tunnel connection failures by reason (host_key, auth, forward_refused, connect, keepalive, disconnected)."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
 }

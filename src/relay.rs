@@ -246,7 +246,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter, dir: Dir) -> Resu
         src.readable().await.map_err(on_src)?;
         #[cfg(target_os = "linux")]
         if splice_works {
-            match splice::burst(src, dst, meter, dir).await {
+            // Boxed, like the buffered burst below: the state of a burst
+            // lives only while bytes move, so an idle pump is just its
+            // readiness wait (DESIGN.md "Resource budget").
+            match Box::pin(splice::burst(src, dst, meter, dir)).await {
                 Ok(Burst::Eof) => return finish(dst).map_err(on_dst),
                 Ok(Burst::Idle) => continue,
                 Ok(Burst::NoPipe) => {}
@@ -254,7 +257,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, meter: &Meter, dir: Dir) -> Resu
                 Err(e) => return Err(e),
             }
         }
-        match buffered_burst(src, dst, meter, dir).await? {
+        match Box::pin(buffered_burst(src, dst, meter, dir)).await? {
             Burst::Eof => return finish(dst).map_err(on_dst),
             _ => continue,
         }

@@ -107,7 +107,7 @@ mod tests {
         );
         assert_eq!(c.keepalive_interval, Some(Duration::from_secs(7)));
         assert_eq!(c.keepalive_max, 4);
-        assert_eq!(c.max_auth_attempts, 5);
+        assert_eq!(c.max_auth_attempts, 6, "5 keys, plus the none probe that russh counts");
         assert_eq!(
             c.auth_rejection_time_initial,
             Some(Duration::ZERO),
@@ -136,6 +136,17 @@ pub enum SshStartError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
+/// Algorithm lists for both the server and the tunnel client: russh's
+/// defaults (kex with strict-kex and ext-info kept) with our ciphers and
+/// key algorithms.
+pub fn preferred() -> Preferred {
+    Preferred {
+        key: KEY_ALGORITHMS.into(),
+        cipher: CIPHERS.into(),
+        ..Preferred::DEFAULT
+    }
+}
+
 /// The russh server config built from `[ssh]`.
 pub fn russh_config(config: &SshConfig, host_keys: &[HostKey]) -> RusshConfig {
     let mut methods = MethodSet::empty();
@@ -152,12 +163,10 @@ pub fn russh_config(config: &SshConfig, host_keys: &[HostKey]) -> RusshConfig {
         window_size: WINDOW_SIZE,
         maximum_packet_size: MAX_PACKET_SIZE,
         channel_buffer_size: CHANNEL_BUFFER,
-        preferred: Preferred {
-            key: KEY_ALGORITHMS.into(),
-            cipher: CIPHERS.into(),
-            ..Preferred::DEFAULT
-        },
-        max_auth_attempts: config.max_auth_attempts,
+        preferred: preferred(),
+        // russh counts the OpenSSH client's first `none` probe as an attempt;
+        // sshd does not. +1 keeps `max_auth_attempts` meaning what sshd's does.
+        max_auth_attempts: config.max_auth_attempts + 1,
         // Off: a database connection silent through a long query must live
         // as long as the client answers keepalives (russh default 600 s,
         // src/server/mod.rs:125).

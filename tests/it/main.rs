@@ -6,3 +6,4 @@ mod config;
 mod forward;
 mod ssh;
 mod support;
+mod tunnel;

@@ -714,7 +714,10 @@ fn session_stays_up_after_a_denied_channel() {
 
 /// Asserts `ran` authenticated and then failed.
 fn assert_failed_after_auth(ran: &Ran, what: &str) {
-    assert!(ran.code.is_some(), "{what}: still running at the time limit: {ran:#?}");
+    assert!(
+        ran.code.is_some_and(|c| c >= 0),
+        "{what}: still running at the time limit: {ran:#?}"
+    );
     assert!(!ran.ok(), "{what}: succeeded: {ran:#?}");
     assert!(
         authenticated(&ran.stderr),
@@ -792,8 +795,22 @@ fn password_auth_fails() {
 }
 
 #[test]
-fn password_and_keyboard_interactive_answers_are_refused() {
+fn password_keyboard_interactive_and_none_are_refused_even_when_sent() {
     let w = World::start(|port| SshConfig::allowing(allow_host(DB, &[port])));
+    // Sent whether or not the server advertises them.
+    assert!(
+        !russh_auth(&w.lab, &w.b, Attempt::None),
+        "`none` authentication succeeded"
+    );
+    assert!(!russh_auth(&w.lab, &w.b, Attempt::Password), "a password was accepted");
+    assert!(
+        !russh_auth(&w.lab, &w.b, Attempt::KeyboardInteractive),
+        "keyboard-interactive answers were accepted"
+    );
+    assert!(
+        russh_auth(&w.lab, &w.b, Attempt::PublicKey(&w.key, None)),
+        "the same russh client with the authorized key was refused"
+    );
     // BatchMode=no with a forced askpass program, so the client really sends
     // a password (and keyboard-interactive answers) when the server asks.
     let log = w.lab.path().join("askpass.log");
@@ -883,6 +900,107 @@ fn rsa_key_offered_only_with_sha1_signatures_is_refused() {
         "same RSA key with SHA-2 signatures",
     );
     assert_eq!(up.accepted(), 1);
+}
+
+/// A russh client that checks the server's host key against the lab's
+/// `state_dir` public keys.
+struct PinnedHostKey(Vec<russh::keys::PublicKey>);
+
+impl russh::client::Handler for PinnedHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(
+            matches!(key, russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } if self.0.iter().any(|k| k.key_data() == key.key_data())),
+        )
+    }
+}
+
+/// One authentication attempt made with russh's client, which sends what it
+/// is told whatever the server advertises (OpenSSH's client does not).
+enum Attempt<'a> {
+    /// Public key `key`, signed with `hash` (for RSA, `None` is SHA-1 `ssh-rsa`).
+    PublicKey(&'a UserKey, Option<russh::keys::HashAlg>),
+    None,
+    Password,
+    /// Answers every prompt the server sends, for up to three rounds.
+    KeyboardInteractive,
+}
+
+/// Whether `attempt` as user `fivetran` succeeds, on a new connection.
+fn russh_auth(lab: &Lab, b: &Bastion, attempt: Attempt<'_>) -> bool {
+    use russh::client::KeyboardInteractiveAuthResponse as Kbd;
+    let pinned = lab
+        .host_public_keys()
+        .iter()
+        .map(|k| russh::keys::PublicKey::from_openssh(k).expect("host public key"))
+        .collect();
+    let user = crate::support::ssh::USER;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let run = async {
+            let config = Arc::new(russh::client::Config::default());
+            let mut session = russh::client::connect(config, b.addr, PinnedHostKey(pinned))
+                .await
+                .expect("russh client connects and accepts the host key");
+            match attempt {
+                Attempt::PublicKey(key, hash) => {
+                    let private = russh::keys::load_secret_key(&key.path, None).expect("load user key");
+                    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(private), hash);
+                    let result = session.authenticate_publickey(user, key).await;
+                    result.is_ok_and(|r| r.success())
+                }
+                Attempt::None => session.authenticate_none(user).await.is_ok_and(|r| r.success()),
+                Attempt::Password => session
+                    .authenticate_password(user, "hunter2")
+                    .await
+                    .is_ok_and(|r| r.success()),
+                Attempt::KeyboardInteractive => {
+                    let mut reply = session.authenticate_keyboard_interactive_start(user, None).await;
+                    for _ in 0..3 {
+                        match reply {
+                            Ok(Kbd::InfoRequest { prompts, .. }) => {
+                                let answers = prompts.iter().map(|_| "hunter2".to_string()).collect();
+                                reply = session.authenticate_keyboard_interactive_respond(answers).await;
+                            }
+                            _ => break,
+                        }
+                    }
+                    matches!(reply, Ok(Kbd::Success))
+                }
+            }
+        };
+        tokio::time::timeout(RUN_LIMIT, run)
+            .await
+            .expect("russh authentication within the time limit")
+    })
+}
+
+/// OpenSSH's client will not send a SHA-1 signature to a server that does not
+/// advertise `ssh-rsa`; this client does, and the server must still refuse it.
+#[test]
+fn rsa_sha1_signature_sent_anyway_is_refused() {
+    let dns = DnsServer::start();
+    let lab = Lab::new();
+    let key = lab.key("user_rsa", "rsa");
+    lab.authorize(&[key.line("")]);
+    let b = lab.start(&SshConfig::allowing(allow_host(DB, &[5432])), dns.addr());
+    assert!(
+        !russh_auth(&lab, &b, Attempt::PublicKey(&key, None)),
+        "an ssh-rsa (SHA-1) signature was accepted"
+    );
+    assert!(
+        russh_auth(&lab, &b, Attempt::PublicKey(&key, Some(russh::keys::HashAlg::Sha512))),
+        "the same key signed with rsa-sha2-512 was refused"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || !b.daemon.audit("auth_failure").is_empty()),
+        "the refused SHA-1 signature left no auth_failure audit line"
+    );
+    eprintln!("auth_failure: {:?}", b.daemon.audit("auth_failure"));
 }
 
 // ---------------------------------------------------------------- DNS changes
@@ -1079,8 +1197,17 @@ fn keygen_writes_openssh_key_pairs_that_ssh_uses() {
     for kind in ["ed25519", "ecdsa", "rsa"] {
         let out = lab.path().join(format!("made_{kind}"));
         let out_str = out.to_str().expect("utf-8");
-        let (code, _, err) = run_cli(&["keygen", "--type", kind, "--out", out_str]);
-        assert_eq!(code, 0, "jumpgate keygen --type {kind}: {err}");
+        // RSA-4096 prime search in a debug build takes 2-10 s idle, more
+        // under a parallel test run: a wider bound than run_cli's 30 s.
+        let mut keygen_cmd = Command::new(crate::support::daemon::BIN);
+        keygen_cmd
+            .args(["keygen", "--type", kind, "--out", out_str])
+            .env_remove("JUMPGATE_CONFIG")
+            .env_remove("RUST_LOG");
+        let started = Instant::now();
+        let made = run(keygen_cmd, Duration::from_secs(120));
+        eprintln!("jumpgate keygen --type {kind}: {:?}", started.elapsed());
+        assert!(made.ok(), "jumpgate keygen --type {kind}: {made:#?}");
         let mode = std::fs::metadata(&out).expect("stat key").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{kind}: private key mode {mode:o}");
         let derived = run_ok_stdout(&keygen, &["-y", "-f", out_str]);

@@ -132,6 +132,8 @@ pub struct Daemon {
     pub forwards: HashMap<String, SocketAddr>,
     /// The SSH role's bound address, from the ready file (when `[ssh]` is on).
     pub ssh: Option<SocketAddr>,
+    /// The whole ready file as it was first read (e.g. each tunnel's state at start).
+    pub ready: serde_json::Value,
 }
 
 /// Why a daemon did not become ready.
@@ -239,6 +241,7 @@ impl Daemon {
             admin,
             forwards,
             ssh,
+            ready: json,
         })
     }
 
@@ -278,6 +281,11 @@ impl Daemon {
         let (status, body) = self.get("/metrics");
         assert_eq!(status, 200, "GET /metrics: {body}");
         parse_metric(&body, name, labels)
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends signal `sig` (e.g. `libc::SIGTERM`).
@@ -327,7 +335,7 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if std::thread::panicking() || std::env::var_os("JG_DUMP").is_some() {
+        if std::thread::panicking() {
             let lines = self.stderr_lines();
             let from = lines.len().saturating_sub(300);
             eprintln!(

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dns;
 pub mod pg;
 pub mod ssh;
+pub mod sshd;
 pub mod upstream;
 
 use std::collections::hash_map::DefaultHasher;

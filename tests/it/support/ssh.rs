@@ -16,6 +16,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,6 +51,8 @@ pub struct Watched {
     child: Arc<Mutex<Child>>,
     stop_watchdog: Option<mpsc::Sender<()>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Set when stderr reached EOF, so every line is in `stderr`.
+    stderr_done: Arc<AtomicBool>,
     /// The child's stdin, if it was piped.
     pub stdin: Option<ChildStdin>,
     /// The child's stdout, if it was piped.
@@ -65,14 +68,16 @@ impl Watched {
         cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stderr_done = Arc::new(AtomicBool::new(false));
         {
-            let lines = stderr.clone();
+            let (lines, done) = (stderr.clone(), stderr_done.clone());
             let pipe = child.stderr.take().expect("stderr piped");
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
                     lines.lock().expect("stderr lock").push(line);
                 }
+                done.store(true, Ordering::SeqCst);
             });
         }
         let stdin = child.stdin.take();
@@ -94,6 +99,7 @@ impl Watched {
             child,
             stop_watchdog: Some(stop_tx),
             stderr,
+            stderr_done,
             stdin,
             stdout,
             what,
@@ -121,8 +127,16 @@ impl Watched {
     }
 
     /// Waits up to `timeout` for it to exit; its exit code (`-1` for a signal).
+    /// After an exit it also waits (up to 5 s) until all of stderr is read,
+    /// so [`Watched::stderr`] has the last lines.
     pub fn wait(&self, timeout: Duration) -> Option<i32> {
-        wait_for(timeout, || self.exited())
+        let code = wait_for(timeout, || self.exited());
+        if code.is_some() {
+            wait_for(Duration::from_secs(5), || {
+                self.stderr_done.load(Ordering::SeqCst).then_some(())
+            });
+        }
+        code
     }
 
     /// Whether it is still running.
@@ -143,9 +157,11 @@ impl Drop for Watched {
         self.stop_watchdog.take();
         self.stdin.take();
         self.kill();
-        // Let the reader thread catch the last lines before they are printed.
-        std::thread::sleep(Duration::from_millis(20));
         if std::thread::panicking() {
+            // Let the reader thread catch the last lines before they are printed.
+            wait_for(Duration::from_secs(2), || {
+                self.stderr_done.load(Ordering::SeqCst).then_some(())
+            });
             eprintln!("---- stderr of {} ----\n{}\n---- end ----", self.what, self.stderr());
         }
     }
@@ -154,7 +170,7 @@ impl Drop for Watched {
 /// What a program run to completion left behind.
 #[derive(Debug)]
 pub struct Ran {
-    /// Exit code; `None` if it was still running at the time limit (then killed).
+    /// Exit code; `-1` if a signal ended it (the watchdog's kill at the time limit).
     pub code: Option<i32>,
     /// Everything it wrote to stdout.
     pub stdout: String,
@@ -181,8 +197,6 @@ pub fn run(mut cmd: Command, limit: Duration) -> Ran {
     });
     let code = w.wait(limit + Duration::from_secs(1));
     let stdout = reader.join().expect("stdout reader");
-    // The stderr reader ends at EOF, shortly after the exit.
-    std::thread::sleep(Duration::from_millis(20));
     Ran {
         code,
         stdout,
