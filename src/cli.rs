@@ -163,11 +163,14 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
             .host_keys
             .iter()
             .filter_map(|source| {
-                let path = match source {
-                    HostKeySource::Path(p) => p.clone(),
-                    HostKeySource::Generate(kind) => config.state_dir.join(kind.file_name()),
+                let key = match source {
+                    HostKeySource::Path(p) => keys::read_any_public(p),
+                    HostKeySource::Generate(kind) => keys::read_any_public(&config.state_dir.join(kind.file_name())),
+                    HostKeySource::Env(_) | HostKeySource::Cmd(_) => {
+                        keys::read_source(source).map(|k| k.public_key().clone())
+                    }
                 };
-                keys::read_any_public(&path).ok().map(|k| keys::fingerprint_line(&k))
+                key.ok().map(|k| keys::fingerprint_line(&k))
             })
             .collect();
         ssh = serde_json::json!({
@@ -244,11 +247,12 @@ fn fingerprint(config: &Path, key: Option<&Path>) -> ExitCode {
     };
     let mut failed = false;
     for source in &ssh.host_keys {
-        let path = match source {
-            HostKeySource::Path(p) => p.clone(),
-            HostKeySource::Generate(kind) => config.state_dir.join(kind.file_name()),
+        let key = match source {
+            HostKeySource::Path(p) => keys::read_any_public(p),
+            HostKeySource::Generate(kind) => keys::read_any_public(&config.state_dir.join(kind.file_name())),
+            HostKeySource::Env(_) | HostKeySource::Cmd(_) => keys::read_source(source).map(|k| k.public_key().clone()),
         };
-        match keys::read_any_public(&path) {
+        match key {
             Ok(k) => println!("{}", keys::fingerprint_line(&k)),
             Err(e) => {
                 failed = true;

@@ -373,6 +373,25 @@ pub enum HostKeySource {
     Generate(HostKeyType),
     /// An OpenSSH private key file.
     Path(PathBuf),
+    /// `env:NAME`: an environment variable holding the OpenSSH private key.
+    Env(String),
+    /// `cmd:COMMAND`: a command (run with `sh -c`) whose standard output is
+    /// the key, e.g. `aws ssm get-parameter --with-decryption ...`.
+    Cmd(String),
+}
+
+impl fmt::Display for HostKeySource {
+    /// The entry as written in `host_keys` (never the key itself).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostKeySource::Generate(HostKeyType::Ed25519) => f.write_str("ed25519"),
+            HostKeySource::Generate(HostKeyType::Ecdsa) => f.write_str("ecdsa"),
+            HostKeySource::Generate(HostKeyType::Rsa) => f.write_str("rsa"),
+            HostKeySource::Path(p) => write!(f, "{}", p.display()),
+            HostKeySource::Env(name) => write!(f, "env:{name}"),
+            HostKeySource::Cmd(cmd) => write!(f, "cmd:{cmd}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -974,8 +993,22 @@ impl RawSsh {
                 "ed25519" => HostKeySource::Generate(HostKeyType::Ed25519),
                 "ecdsa" => HostKeySource::Generate(HostKeyType::Ecdsa),
                 "rsa" => HostKeySource::Generate(HostKeyType::Rsa),
-                e if e.starts_with("env:") || e.starts_with("cmd:") => {
-                    return Err(cx.err(T, "host_keys", format!("{:?}: env: and cmd: key sources are not built in this version yet (use a file path, or \"ed25519\" / \"ecdsa\" to generate keys in state_dir)", &e[..4])));
+                e if e.starts_with("env:") => {
+                    let name = &e[4..];
+                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        return Err(cx.err(
+                            T,
+                            "host_keys",
+                            format!("{e:?}: not an environment variable name (write e.g. \"env:JUMPGATE_HOST_KEY\")"),
+                        ));
+                    }
+                    HostKeySource::Env(name.to_string())
+                }
+                e if e.starts_with("cmd:") => {
+                    if e[4..].trim().is_empty() {
+                        return Err(cx.err(T, "host_keys", "\"cmd:\" with no command (write e.g. \"cmd:aws ssm get-parameter --with-decryption --query Parameter.Value --output text --name /jumpgate/host_key\")"));
+                    }
+                    HostKeySource::Cmd(e[4..].trim().to_string())
                 }
                 "" => {
                     return Err(cx.err(
@@ -1465,7 +1498,8 @@ mod tests {
             ("ssh bad login_grace", ssh("login_grace = \"soon\"\n", RULE), "[ssh]: login_grace: bad duration \"soon\""),
             ("ssh zero keepalive", ssh("keepalive = \"0s\"\n", RULE), "[ssh]: keepalive: must be more than 0"),
             ("ssh zero max_startups", ssh("max_startups = 0\n", RULE), "[ssh]: max_startups: must be at least 1"),
-            ("ssh env host key", ssh("host_keys = [\"env:KEY\"]\n", RULE), "[ssh]: host_keys: \"env:\": env: and cmd: key sources are not built"),
+            ("ssh bad env host key", ssh("host_keys = [\"env:MY-KEY\"]\n", RULE), "[ssh]: host_keys: \"env:MY-KEY\": not an environment variable name"),
+            ("ssh empty cmd host key", ssh("host_keys = [\"cmd: \"]\n", RULE), "[ssh]: host_keys: \"cmd:\" with no command"),
             ("ssh no host keys", ssh("host_keys = []\n", RULE), "[ssh]: host_keys: empty"),
             ("ssh proxy protocol", ssh("proxy_protocol = true\n", RULE), "[ssh]: proxy_protocol: PROXY protocol is not built"),
             ("ssh same port as admin", ssh("listen = \"127.0.0.1:9090\"\n", RULE), "[ssh]: listen: 127.0.0.1:9090 is also [admin] listen"),

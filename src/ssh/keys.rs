@@ -38,7 +38,13 @@ pub enum KeyError {
     Write { path: String, source: io::Error },
     #[error("cannot generate a {0} key: {1}")]
     Generate(String, String),
+    /// An `env:` or `cmd:` source failed. The message never holds the key.
+    #[error("{entry}: {why}")]
+    Source { entry: String, why: String },
 }
+
+/// How long a `cmd:` host-key source may run.
+const SOURCE_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A loaded host key and where it came from.
 pub struct HostKey {
@@ -56,6 +62,11 @@ pub fn load_host_keys(sources: &[HostKeySource], state_dir: &Path) -> Result<Vec
             HostKeySource::Path(path) => Ok(HostKey {
                 key: read_private(path)?,
                 path: path.clone(),
+                generated: false,
+            }),
+            HostKeySource::Env(_) | HostKeySource::Cmd(_) => Ok(HostKey {
+                key: read_source(source)?,
+                path: PathBuf::from(source.to_string()),
                 generated: false,
             }),
             HostKeySource::Generate(kind) => {
@@ -106,6 +117,85 @@ fn algorithm(kind: HostKeyType) -> Algorithm {
         },
         HostKeyType::Rsa => Algorithm::Rsa { hash: None },
     }
+}
+
+/// Reads the key of an `env:` or `cmd:` source. A source that fails is an
+/// error naming the entry, never a reason to generate a key: every instance
+/// behind a load balancer must present the same one.
+pub fn read_source(source: &HostKeySource) -> Result<PrivateKey, KeyError> {
+    let entry = source.to_string();
+    let fail = |why: String| KeyError::Source {
+        entry: entry.clone(),
+        why,
+    };
+    let text = match source {
+        HostKeySource::Env(name) => std::env::var(name).map_err(|e| match e {
+            std::env::VarError::NotPresent => fail("the variable is not set".into()),
+            std::env::VarError::NotUnicode(_) => fail("the variable is not UTF-8".into()),
+        })?,
+        HostKeySource::Cmd(command) => run_source_command(command).map_err(fail)?,
+        other => return Err(fail(format!("{other} is not an env: or cmd: source"))),
+    };
+    // ssh_key's errors describe the format, never the bytes.
+    let key = PrivateKey::from_openssh(text.trim())
+        .map_err(|e| fail(format!("not an unencrypted OpenSSH private key ({e})")))?;
+    if key.is_encrypted() {
+        return Err(fail("the key is encrypted with a passphrase".into()));
+    }
+    Ok(key)
+}
+
+/// Runs `sh -c command` with a deadline; its stdout on success.
+fn run_source_command(command: &str) -> Result<String, String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the command: {e}"))?;
+    let deadline = std::time::Instant::now() + SOURCE_COMMAND_TIMEOUT;
+    // Read stdout on a thread so a large output cannot block the child.
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the command did not finish within {SOURCE_COMMAND_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("cannot wait for the command: {e}")),
+        }
+    };
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        // Only the first line, shortened: enough to diagnose, too little to leak.
+        let first: String = err.lines().next().unwrap_or("").chars().take(200).collect();
+        return Err(format!(
+            "the command failed ({status}){}",
+            if first.is_empty() {
+                String::new()
+            } else {
+                format!(": {first}")
+            }
+        ));
+    }
+    Ok(out)
 }
 
 /// Reads an unencrypted OpenSSH private key.
@@ -277,6 +367,53 @@ mod tests {
         assert_eq!(
             fs::read_to_string(dir.path().join("ssh_host_ed25519_key")).unwrap(),
             "garbage"
+        );
+    }
+
+    #[test]
+    fn cmd_and_env_sources_load_the_same_key_and_failures_name_the_entry_without_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let key = generate(HostKeyType::Ed25519, &path).unwrap();
+        let cmd = HostKeySource::Cmd(format!("cat {}", path.display()));
+        let a = load_host_keys(std::slice::from_ref(&cmd), dir.path()).unwrap();
+        let b = load_host_keys(std::slice::from_ref(&cmd), dir.path()).unwrap();
+        assert_eq!(fingerprint(a[0].key.public_key()), fingerprint(key.public_key()));
+        assert_eq!(
+            fingerprint(b[0].key.public_key()),
+            fingerprint(key.public_key()),
+            "same source, same key"
+        );
+
+        let failing = HostKeySource::Cmd("echo oops >&2; exit 3".into());
+        let err = load_host_keys(&[failing], dir.path())
+            .err()
+            .expect("a failing command stops start-up")
+            .to_string();
+        assert!(
+            err.starts_with("cmd:echo oops >&2; exit 3: the command failed"),
+            "{err}"
+        );
+        assert!(err.contains("oops"), "{err}");
+
+        // The output holds "SECRETSTUFF"; the command text does not.
+        let garbage = HostKeySource::Cmd(
+            "echo -----BEGIN OPENSSH PRIVATE KEY-----; echo U0VDUkVUU1RVRkY= | base64 -d; echo -----END OPENSSH PRIVATE KEY-----"
+                .into(),
+        );
+        let err = load_host_keys(&[garbage], dir.path())
+            .err()
+            .expect("unparsable")
+            .to_string();
+        assert!(err.contains("not an unencrypted OpenSSH private key"), "{err}");
+        assert!(!err.contains("SECRETSTUFF"), "the message must not hold the key: {err}");
+
+        let unset = HostKeySource::Env("JUMPGATE_TEST_SURELY_UNSET_VAR".into());
+        let err = load_host_keys(&[unset], dir.path()).err().expect("unset").to_string();
+        assert_eq!(err, "env:JUMPGATE_TEST_SURELY_UNSET_VAR: the variable is not set");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().count() == 2,
+            "no key was generated for a failing source"
         );
     }
 
