@@ -81,7 +81,7 @@ const FULL: Plan = Plan {
     full: true,
     bytes: 2 << 30,
     verify_bytes: 64 << 20,
-    reps: 3,
+    reps: 5,
     setups: 30,
     idle_jumpgate: 1_000,
     idle_sshd: 50,
@@ -997,8 +997,9 @@ impl Echo {
     }
 }
 
-/// One `ssh -W`: start, send PING, read it back, close stdin, wait for a clean exit.
-async fn setup_once(cmd: Command) -> Result<Duration> {
+/// One `ssh -W`: start, send PING, read it back, close stdin, wait for a clean exit. Returns
+/// the time from start to exit and ssh's stderr.
+async fn setup_once(cmd: Command) -> Result<(Duration, String)> {
     let start = Instant::now();
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.stdin(Stdio::piped())
@@ -1035,7 +1036,22 @@ async fn setup_once(cmd: Command) -> Result<Duration> {
         "ssh -W exited {}; stderr: {stderr}",
         output.status
     );
-    Ok(elapsed)
+    Ok((elapsed, stderr.into_owned()))
+}
+
+/// What `ssh -v` says it negotiated: "KEX, cipher" (or "?" for a part it did not print).
+fn negotiated(verbose: &str) -> String {
+    let find = |prefix: &str| {
+        verbose
+            .lines()
+            .find_map(|l| {
+                l.split_once(prefix)
+                    .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("?"))
+            })
+            .unwrap_or("?")
+            .to_string()
+    };
+    format!("{}, {}", find("kex: algorithm: "), find("kex: client->server cipher: "))
 }
 
 fn connection_setup(
@@ -1053,13 +1069,22 @@ fn connection_setup(
     let target = echo.to_string();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
     let mut failed = vec![false; servers.len()];
-    // One unmeasured run each first: the ssh binary and libraries into the page cache.
+    // One unmeasured run each first (the ssh binary and libraries into the page cache), with -v
+    // to see what the client negotiated with its default algorithms.
+    let mut algorithms = Vec::new();
     for (i, server) in servers.iter().enumerate() {
-        if let Err(e) = rt.block_on(setup_once(server.ssh(lab, &["-W", &target]))) {
-            failed[i] = true;
-            report.fail(server.peer, "ssh -W", &e);
+        match rt.block_on(setup_once(server.ssh(lab, &["-v", "-W", &target]))) {
+            Ok((_, verbose)) => algorithms.push(format!("{} {}", server.peer.name(), negotiated(&verbose))),
+            Err(e) => {
+                failed[i] = true;
+                report.fail(server.peer, "ssh -W", &e);
+            }
         }
     }
+    report.note(format!(
+        "`ssh -W` negotiated (key exchange, cipher) with the client's defaults: {}",
+        algorithms.join("; ")
+    ));
     for _ in 0..plan.setups {
         for (i, server) in servers.iter_mut().enumerate() {
             if failed[i] {
@@ -1067,7 +1092,7 @@ fn connection_setup(
             }
             let result = rt
                 .block_on(setup_once(server.ssh(lab, &["-W", &target])))
-                .and_then(|t| server.proc.alive().map(|()| t));
+                .and_then(|(t, _)| server.proc.alive().map(|()| t));
             match result {
                 Ok(t) => times[i].push(t.as_secs_f64()),
                 Err(e) => {
@@ -1423,7 +1448,8 @@ impl Report {
         let _ = writeln!(
             md,
             "- sizes: {} MiB per `ssh -L` transfer × {} reps (median) per cipher, {} MiB checked \
-             byte-exact first; {} sequential `ssh -W`; {} idle sessions on jumpgate, {} on sshd",
+             byte-exact first; {} sequential `ssh -W`; {} idle sessions on jumpgate, {} on sshd (each on a fresh \
+             server process)",
             plan.bytes >> 20,
             plan.reps,
             plan.verify_bytes >> 20,
@@ -1436,7 +1462,8 @@ impl Report {
             "- method: one OpenSSH client for both servers (`ssh -F /dev/null`, StrictHostKeyChecking=yes, \
              one ed25519 user key). Throughput: `ssh -N -L 127.0.0.1:P:SINK -c CIPHER`; a std thread \
              writes 1 MiB chunks into P, half-closes, and the time runs until the sink (a thread of \
-             the bench, dropping bytes with recv MSG_TRUNC) answers the count. Setup: `ssh -W \
+             the bench, dropping bytes with recv MSG_TRUNC) answers the count; CPU per GiB is the user + system time (/proc/PID/stat) the server's process \
+             tree and the ssh client spent during the timed transfer, ÷ GiB. Setup: `ssh -W \
              127.0.0.1:ECHO` with the client's default algorithms, timed from spawn to clean exit \
              after one {}-byte round trip. Memory: a russh 0.65 client in the bench opens the \
              sessions ({} at a time), authenticates with the same key, opens one direct-tcpip \

@@ -59,6 +59,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Approve this bastion's host keys for a connection through the service's API (no manual approval).
+    RegisterFingerprint {
+        /// Config whose [ssh] host keys to register (and whose [service] credentials to use).
+        #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// The service's connection id.
+        #[arg(long)]
+        connection_id: String,
+        /// The API base URL (default: [service] api_url, else https://api.fivetran.com).
+        #[arg(long)]
+        api_url: Option<String>,
+    },
     /// Print host key fingerprints like `ssh-keygen -l`: the configured host keys, or one key file.
     Fingerprint {
         /// Config whose [ssh] host keys to show (generated ones are read from state_dir).
@@ -86,6 +98,11 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Keygen { key_type, out } => keygen(key_type, &out),
         Command::Fingerprint { config, key } => fingerprint(&config, key.as_deref()),
         Command::SetupInfo { config, json } => setup_info(&config, json),
+        Command::RegisterFingerprint {
+            config,
+            connection_id,
+            api_url,
+        } => register_fingerprint(&config, &connection_id, api_url.as_deref()),
     }
 }
 
@@ -222,6 +239,87 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
+/// The public halves of the configured host keys (generated ones from state_dir).
+fn host_public_keys(config: &Config) -> Result<Vec<russh::keys::PublicKey>, String> {
+    let Some(ssh) = &config.ssh else {
+        return Err(format!("{}: no [ssh] table: no host keys", config.file));
+    };
+    ssh.host_keys
+        .iter()
+        .map(|source| {
+            match source {
+                HostKeySource::Path(p) => keys::read_any_public(p),
+                HostKeySource::Generate(kind) => keys::read_any_public(&config.state_dir.join(kind.file_name())),
+                HostKeySource::Env(_) | HostKeySource::Cmd(_) => {
+                    keys::read_source(source).map(|k| k.public_key().clone())
+                }
+            }
+            .map_err(|e| format!("{e} (generated keys exist after the first `jumpgate run`)"))
+        })
+        .collect()
+}
+
+fn register_fingerprint(path: &Path, connection: &str, api_url: Option<&str>) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    let keys_found = match host_public_keys(&config) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (url, key, secret) = match &config.service {
+        Some(s) => (s.api_url.clone(), s.api_key.clone(), s.api_secret.clone()),
+        None => {
+            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+            match (var("FIVETRAN_API_KEY"), var("FIVETRAN_API_SECRET")) {
+                (Some(k), Some(s)) => (
+                    "https://api.fivetran.com".to_string(),
+                    crate::service::Secret::new(k.trim()),
+                    crate::service::Secret::new(s.trim()),
+                ),
+                _ => {
+                    eprintln!(
+                        "error: no API credentials: set FIVETRAN_API_KEY and FIVETRAN_API_SECRET, or add a [service] table"
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
+    let url = api_url.map_or(url, str::to_string);
+    let client = match crate::service::ServiceClient::new(&url, key, secret) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut failed = false;
+    rt.block_on(async {
+        for k in &keys_found {
+            let (hash, public_key) = crate::service::fingerprint_payload(k);
+            match client.register_fingerprint(connection, &hash, &public_key).await {
+                Ok(message) => println!("{} SHA256:{hash}: {message}", k.algorithm()),
+                Err(e) => {
+                    failed = true;
+                    eprintln!("error: {} SHA256:{hash}: {e}", k.algorithm());
+                }
+            }
+        }
+    });
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
 fn fingerprint(config: &Path, key: Option<&Path>) -> ExitCode {
     if let Some(path) = key {
         return match keys::read_any_public(path) {
@@ -351,7 +449,15 @@ fn check(path: &Path) -> ExitCode {
     if let Some(ssh) = &config.ssh {
         println!("ssh      listen {}  (/readyz/ssh)", ssh.listen);
         for u in &ssh.users {
-            let keys = crate::ssh::authorized_keys::load(&u.authorized_keys);
+            let Some(path) = &u.authorized_keys else {
+                println!(
+                    "ssh      user {:?}: the service's key for group {}",
+                    u.name,
+                    u.service_group.as_deref().unwrap_or("?")
+                );
+                continue;
+            };
+            let keys = crate::ssh::authorized_keys::load(path);
             let n = match &keys {
                 Ok(p) => {
                     for w in &p.warnings {
@@ -365,7 +471,7 @@ fn check(path: &Path) -> ExitCode {
                     format!("cannot read: {e}")
                 }
             };
-            println!("ssh      user {:?}: {} ({n})", u.name, u.authorized_keys.display());
+            println!("ssh      user {:?}: {} ({n})", u.name, path.display());
         }
         for rule in &ssh.policy.allow {
             println!("ssh      allow {} ports {:?}", rule.label, rule.ports);

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::policy::{AllowRule, PermitOpen, Policy};
+use crate::service::Secret;
 use std::sync::Arc;
 
 /// The default config, embedded so a fresh machine can run `jumpgate run`
@@ -67,7 +68,7 @@ struct RawConfig {
     forward: Vec<RawForward>,
     // Roles built by later versions: parsed only to refuse them clearly.
     ssh: Option<RawSsh>,
-    service: Option<toml::Value>,
+    service: Option<RawService>,
     #[serde(default)]
     tunnel: Vec<RawTunnel>,
 }
@@ -315,6 +316,26 @@ struct RawRemote {
     on_change: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    #[serde(default = "default_api_url")]
+    api_url: String,
+    api_key_file: Option<PathBuf>,
+    api_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    connection_ids: Vec<String>,
+    #[serde(default = "default_refresh")]
+    refresh: String,
+}
+
+fn default_api_url() -> String {
+    "https://api.fivetran.com".into()
+}
+fn default_refresh() -> String {
+    "1h".into()
+}
+
 // ----------------------------------------------------------- validated form
 
 /// The validated config.
@@ -331,6 +352,20 @@ pub struct Config {
     /// None: the ssh role is off.
     pub ssh: Option<SshConfig>,
     pub tunnel: Vec<TunnelConfig>,
+    /// `[service]`: the pipeline service's API, when configured.
+    pub service: Option<ServiceConfig>,
+}
+
+/// `[service]`.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub api_url: String,
+    pub api_key: Secret,
+    pub api_secret: Secret,
+    /// Register our host-key fingerprints for these at start-up.
+    pub connection_ids: Vec<String>,
+    /// How often `service_group` keys are fetched again.
+    pub refresh: Duration,
 }
 
 /// How a tunnel authenticates the server it dials: never trust on first use.
@@ -435,8 +470,11 @@ pub struct SshConfig {
 #[derive(Debug, Clone)]
 pub struct SshUser {
     pub name: String,
-    pub authorized_keys: PathBuf,
+    /// None when the user's only key is the service's.
+    pub authorized_keys: Option<PathBuf>,
     pub permitopen: Vec<PermitOpen>,
+    /// Accept the service's public key for this group (fetched from its API).
+    pub service_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -583,13 +621,10 @@ impl Ctx<'_> {
 impl RawConfig {
     fn validate(self, file: &str) -> Result<Config, ConfigError> {
         let cx = Ctx { file };
-        if self.service.is_some() {
-            return Err(cx.err(
-                "[service]",
-                "service",
-                "the service API client is not built in this version yet (remove the [service] table)",
-            ));
-        }
+        let service = match self.service {
+            Some(raw) => Some(raw.validate(&cx)?),
+            None => None,
+        };
 
         let format = match self.log.format.as_str() {
             "text" => LogFormat::Text,
@@ -745,7 +780,7 @@ impl RawConfig {
         }
 
         let ssh = match self.ssh {
-            Some(raw) => Some(raw.validate(&cx, &admin, &listens)?),
+            Some(raw) => Some(raw.validate(&cx, &admin, &listens, service.is_some())?),
             None => None,
         };
 
@@ -778,6 +813,66 @@ impl RawConfig {
             forward,
             ssh,
             tunnel,
+            service,
+        })
+    }
+}
+
+impl RawService {
+    fn validate(self, cx: &Ctx) -> Result<ServiceConfig, ConfigError> {
+        const T: &str = "[service]";
+        let url = self.api_url.trim_end_matches('/').to_string();
+        let loopback_http = ["http://127.", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|p| url.starts_with(p));
+        if !url.starts_with("https://") && !loopback_http {
+            return Err(cx.err(T, "api_url", format!("{url:?} is not an https:// URL (credentials never travel in clear text; http:// only to loopback for tests)")));
+        }
+        let credential = |file: &Option<PathBuf>, field: &'static str, var: &str| -> Result<Secret, ConfigError> {
+            match file {
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(text) if !text.trim().is_empty() => Ok(Secret::new(text.trim())),
+                    Ok(_) => Err(cx.err(T, field, format!("{} is empty", path.display()))),
+                    Err(e) => Err(cx.err(T, field, format!("cannot read {}: {e}", path.display()))),
+                },
+                None => match std::env::var(var) {
+                    Ok(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim())),
+                    _ => Err(cx.err(
+                        T,
+                        field,
+                        format!("no credential: set {var} in the environment or {field} = \"path\""),
+                    )),
+                },
+            }
+        };
+        let api_key = credential(&self.api_key_file, "api_key_file", "FIVETRAN_API_KEY")?;
+        let api_secret = credential(&self.api_secret_file, "api_secret_file", "FIVETRAN_API_SECRET")?;
+        for id in &self.connection_ids {
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) {
+                return Err(cx.err(
+                    T,
+                    "connection_ids",
+                    format!("{id:?} is not a connection id (letters, digits, '_' and '-')"),
+                ));
+            }
+        }
+        let refresh = cx.duration(T, "refresh", &self.refresh)?;
+        if refresh < Duration::from_secs(10) {
+            return Err(cx.err(
+                T,
+                "refresh",
+                format!(
+                    "{:?} would poll the API too often (write at least \"10s\"; \"1h\" is the default)",
+                    self.refresh
+                ),
+            ));
+        }
+        Ok(ServiceConfig {
+            api_url: url,
+            api_key,
+            api_secret,
+            connection_ids: self.connection_ids,
+            refresh,
         })
     }
 }
@@ -961,6 +1056,7 @@ impl RawSsh {
         cx: &Ctx,
         admin: &AdminConfig,
         forwards: &[(SocketAddr, String)],
+        has_service: bool,
     ) -> Result<SshConfig, ConfigError> {
         const T: &str = "[ssh]";
         let listen = cx.socket_addr(T, "listen", &self.listen, 2222)?;
@@ -1096,20 +1192,26 @@ impl RawSsh {
             if users.iter().any(|u: &SshUser| u.name == name) {
                 return Err(cx.err(&table, "name", format!("{name:?} is used by an earlier [[ssh.user]] (one table per user; put every key in its authorized_keys)")));
             }
-            if raw.service_group.is_some() {
-                return Err(cx.err(
-                    &table,
-                    "service_group",
-                    "fetching the service's key is not built in this version yet (use authorized_keys)",
-                ));
+            if let Some(group) = &raw.service_group {
+                if group.is_empty()
+                    || !group
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                {
+                    return Err(cx.err(
+                        &table,
+                        "service_group",
+                        format!("{group:?} is not a group id (letters, digits, '_' and '-', as the service shows it)"),
+                    ));
+                }
+                if !has_service {
+                    return Err(cx.err(&table, "service_group", "needs a [service] table with the API credentials (add [service]; set FIVETRAN_API_KEY and FIVETRAN_API_SECRET)"));
+                }
             }
-            let Some(authorized_keys) = raw.authorized_keys else {
-                return Err(cx.err(
-                    &table,
-                    "authorized_keys",
-                    "missing (add e.g. authorized_keys = \"config/authorized_keys\", OpenSSH format)",
-                ));
-            };
+            let authorized_keys = raw.authorized_keys;
+            if authorized_keys.is_none() && raw.service_group.is_none() {
+                return Err(cx.err(&table, "authorized_keys", "missing (add e.g. authorized_keys = \"config/authorized_keys\", OpenSSH format, or service_group = \"GROUP_ID\")"));
+            }
             let permitopen = raw
                 .permitopen
                 .iter()
@@ -1119,6 +1221,7 @@ impl RawSsh {
                 name,
                 authorized_keys,
                 permitopen,
+                service_group: raw.service_group,
             });
         }
         if users.is_empty() {
@@ -1505,8 +1608,10 @@ mod tests {
             ("ssh same port as admin", ssh("listen = \"127.0.0.1:9090\"\n", RULE), "[ssh]: listen: 127.0.0.1:9090 is also [admin] listen"),
             ("ssh duplicate user", format!("{}[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\n", ssh("", RULE)), "[[ssh.user]] #2 \"fivetran\": name: \"fivetran\" is used by an earlier [[ssh.user]]"),
             ("ssh user without keys", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\n".into(), "[[ssh.user]] #1 \"fivetran\": authorized_keys: missing"),
-            ("ssh service_group not built", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nservice_group = \"g\"\n".into(), "[[ssh.user]] #1 \"fivetran\": service_group: fetching the service's key is not built"),
-            ("ssh bad user permitopen", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\npermitopen = [\"db\"]\n".into(), "[[ssh.user]] #1 \"fivetran\": permitopen:"),
+            ("ssh service_group without [service]", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nservice_group = \"g\"\n".into(), "[[ssh.user]] #1 \"fivetran\": service_group: needs a [service] table"),
+            ("service plain http", "[service]\napi_url = \"http://api.fivetran.com\"\n".into(), "[service]: api_url: \"http://api.fivetran.com\" is not an https:// URL"),
+            ("service missing key file", "[service]\napi_key_file = \"/nonexistent/key\"\n".into(), "[service]: api_key_file: cannot read /nonexistent/key"),
+            ("service bad refresh", "[service]\napi_key_file = \"Cargo.toml\"\napi_secret_file = \"Cargo.toml\"\nrefresh = \"1s\"\n".into(), "[service]: refresh: \"1s\" would poll the API too often"),("ssh bad user permitopen", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\npermitopen = [\"db\"]\n".into(), "[[ssh.user]] #1 \"fivetran\": permitopen:"),
             ("ssh unknown field", ssh("shell = true\n", RULE), "unknown field `shell`"),
             ("tunnel without server", "[[tunnel]]\nname = \"t\"\n".into(), "[[tunnel]] #1 \"t\": server: missing"),
             ("tunnel without fingerprint", tunnel("", REMOTE), "[[tunnel]] #1 \"t\": server_fingerprint: missing: jumpgate never trusts a server key on first use; set server_fingerprint = \"SHA256:...\" or known_hosts = \"path\" (get it with `ssh-keyscan -p 22 tunnel.example.com | ssh-keygen -lf -`"),
@@ -1520,8 +1625,7 @@ mod tests {
             ("tunnel zero keepalive", tunnel(&format!("{FP}keepalive = \"0s\"\n"), REMOTE), "[[tunnel]] #1 \"t\": keepalive: must be more than 0"),
             ("tunnel without identity", "[[tunnel]]\nname = \"t\"\nserver = \"a.b:22\"\nuser = \"u\"\n".into(), "identity: missing (make a key with `jumpgate keygen"),
             ("tunnel duplicate name", format!("{}{}", tunnel(FP, REMOTE), tunnel(FP, REMOTE)), "[[tunnel]] #2 \"t\": name: \"t\" is used by an earlier [[tunnel]]"),
-            ("service not built", "[service]\napi_url = \"https://x\"\n".into(), "[service]: service: the service API client is not built"),
-        ];
+            ];
         for (case, text, want) in cases {
             let got = err(text);
             assert!(got.contains(want), "{case}:\n got: {got}\nwant: {want}");

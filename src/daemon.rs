@@ -29,6 +29,8 @@ use crate::config::{Config, Host};
 use crate::dns::{self, Watch};
 use crate::forward::{self, Forwarder};
 use crate::policy::RuleTarget;
+use crate::service::ServiceClient;
+use crate::ssh::keyfile::GroupKey;
 use crate::ssh::server::{SshServer, SshStartError};
 use crate::tunnel::Tunnel;
 
@@ -56,6 +58,8 @@ pub enum StartError {
         table: String,
         source: crate::tunnel::TunnelError,
     },
+    #[error("{file}: [service]: {why}")]
+    Service { file: String, why: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
     #[error("cannot write the ready file {path}: {source} (check --ready-file's directory exists and is writable)")]
@@ -323,6 +327,17 @@ impl App {
             background,
         } = self;
 
+        let service = match &config.service {
+            Some(s) => Some(
+                ServiceClient::new(&s.api_url, s.api_key.clone(), s.api_secret.clone()).map_err(|why| {
+                    StartError::Service {
+                        file: config.file.clone(),
+                        why,
+                    }
+                })?,
+            ),
+            None => None,
+        };
         let stop_accepting = CancellationToken::new();
         let cut = CancellationToken::new();
         let conns = TaskTracker::new();
@@ -361,6 +376,22 @@ impl App {
             if let Some(cmd) = server.example_command() {
                 info!(command = %cmd, "ssh ready to use");
                 eprintln!("ssh: try  {cmd}");
+            }
+            if let Some(client) = &service {
+                let refresh = config.service.as_ref().map_or(Duration::from_secs(3600), |s| s.refresh);
+                for group in server.group_keys() {
+                    let span = info_span!("service", group = %group.group);
+                    tasks.spawn(refresh_group_key(client.clone(), group, refresh, background.clone()).instrument(span));
+                }
+                let ids = config
+                    .service
+                    .as_ref()
+                    .map(|s| s.connection_ids.clone())
+                    .unwrap_or_default();
+                if !ids.is_empty() {
+                    let keys = server.host_public_keys();
+                    tasks.spawn(register_fingerprints(client.clone(), ids, keys).instrument(info_span!("service")));
+                }
             }
             tasks.spawn(server.serve(stop_accepting.clone(), cut.clone(), conns.clone()));
         }
@@ -458,6 +489,48 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         debug!(?exit, "run finished");
         Ok(exit)
+    }
+}
+
+/// Keeps a service group's key fresh: fetched now, then every `refresh`;
+/// after a failure, again within a minute. The last good key keeps serving.
+async fn refresh_group_key(client: ServiceClient, group: Arc<GroupKey>, refresh: Duration, stop: CancellationToken) {
+    loop {
+        let next = match client.group_public_key(&group.group).await {
+            Ok(line) => match group.update(&line) {
+                Ok(()) => refresh,
+                Err(why) => {
+                    warn!(%why, "service key refresh failed; keeping the last good key");
+                    group.failed(why);
+                    refresh.min(Duration::from_secs(60))
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "service key refresh failed; keeping the last good key");
+                group.failed(e.to_string());
+                refresh.min(Duration::from_secs(60))
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(next) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Registers every host key's fingerprint for each connection at start-up,
+/// so a new instance needs no manual approval.
+async fn register_fingerprints(client: ServiceClient, connections: Vec<String>, keys: Vec<russh::keys::PublicKey>) {
+    for id in &connections {
+        for key in &keys {
+            let (hash, public_key) = crate::service::fingerprint_payload(key);
+            match client.register_fingerprint(id, &hash, &public_key).await {
+                Ok(message) => {
+                    info!(target: "audit", event = "fingerprint_registered", connection = %id, hash = %hash, %message)
+                }
+                Err(e) => warn!(connection = %id, hash = %hash, error = %e, "cannot register the host key fingerprint"),
+            }
+        }
     }
 }
 

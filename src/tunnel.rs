@@ -178,12 +178,12 @@ impl Tunnel {
         all.into_iter().filter(Watch::is_dynamic).collect()
     }
 
-    /// "connecting", "up" or "down", for the ready file.
+    /// "connecting" or "up", for the ready file (a tunnel that is down is
+    /// trying again: "connecting"; /readyz/tunnel/<name> says why).
     pub fn state_word(&self) -> &'static str {
         match &*self.state.borrow() {
-            State::Connecting => "connecting",
             State::Up { .. } => "up",
-            State::Down { .. } => "down",
+            State::Connecting | State::Down { .. } => "connecting",
         }
     }
 

@@ -89,8 +89,19 @@ impl Handler {
         let Some(index) = self.shared.users.iter().position(|u| u.name == user) else {
             return Err(format!("unknown user {user:?}"));
         };
-        let keys = self.shared.users[index].keys.current();
-        let Some(entry) = keys.iter().find(|k| k.key.key_data() == key.key_data()) else {
+        let user_entry = &self.shared.users[index];
+        let file_keys = user_entry.keys.as_ref().map(|k| k.current()).unwrap_or_default();
+        let Some(entry) = file_keys.iter().find(|k| k.key.key_data() == key.key_data()) else {
+            // The service's group key carries no options: forwarding allowed,
+            // no permitopen of its own (the user's and the rules still apply).
+            if user_entry
+                .group_key
+                .as_ref()
+                .and_then(|g| g.current())
+                .is_some_and(|g| g.key_data() == key.key_data())
+            {
+                return Ok((index, None));
+            }
             return Err(format!("key {} is not authorized for {user:?}", keys::fingerprint(key)));
         };
         entry
@@ -99,7 +110,10 @@ impl Handler {
                 format!(
                     "key {} ({}:{}): {why}",
                     keys::fingerprint(key),
-                    self.shared.users[index].keys.path().display(),
+                    user_entry
+                        .keys
+                        .as_ref()
+                        .map_or_else(String::new, |k| k.path().display().to_string()),
                     entry.line
                 )
             })?;

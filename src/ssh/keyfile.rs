@@ -83,3 +83,79 @@ impl KeyFile {
             .unwrap_or_else(|| format!("{}: no usable key", self.path.display()))
     }
 }
+
+/// The service's public key for a destination group, fetched from its API
+/// (see `crate::service`) and cached in `state_dir`, so a restart without
+/// API access still admits the service.
+pub struct GroupKey {
+    pub group: String,
+    cache: PathBuf,
+    state: Mutex<GroupState>,
+}
+
+struct GroupState {
+    key: Option<russh::keys::PublicKey>,
+    /// Why there is no key, or why the last refresh failed.
+    error: Option<String>,
+}
+
+impl GroupKey {
+    /// Loads the cached key from `state_dir`, if any.
+    pub fn new(group: &str, state_dir: &Path) -> GroupKey {
+        let cache = state_dir.join(format!("service_group_{group}.pub"));
+        let (key, error) = match std::fs::read_to_string(&cache) {
+            Ok(text) => match russh::keys::PublicKey::from_openssh(text.trim()) {
+                Ok(k) => {
+                    info!(group, file = %cache.display(), "service key loaded from the cache");
+                    (Some(k), None)
+                }
+                Err(e) => (None, Some(format!("{}: unreadable cached key: {e}", cache.display()))),
+            },
+            Err(_) => (None, Some(format!("service group {group}: no key fetched yet"))),
+        };
+        GroupKey {
+            group: group.to_string(),
+            cache,
+            state: Mutex::new(GroupState { key, error }),
+        }
+    }
+
+    pub fn current(&self) -> Option<russh::keys::PublicKey> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).key.clone()
+    }
+
+    pub fn why_empty(&self) -> String {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .error
+            .clone()
+            .unwrap_or_else(|| format!("service group {}: no key", self.group))
+    }
+
+    /// Takes a freshly fetched key line: parsed, cached, served.
+    pub fn update(&self, line: &str) -> Result<(), String> {
+        let key = russh::keys::PublicKey::from_openssh(line.trim())
+            .map_err(|e| format!("the service's key for group {} does not parse: {e}", self.group))?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.key.as_ref().map(|k| k.key_data()) != Some(key.key_data()) {
+            info!(group = %self.group, key = %crate::ssh::keys::fingerprint(&key), "service key updated");
+            if let Some(dir) = self.cache.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(e) = std::fs::write(&self.cache, format!("{}\n", line.trim())) {
+                warn!(file = %self.cache.display(), error = %e, "cannot cache the service key");
+            }
+        }
+        state.key = Some(key);
+        state.error = None;
+        Ok(())
+    }
+
+    /// Records a failed refresh; the last good key keeps serving.
+    pub fn failed(&self, why: String) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.key.is_none() {
+            state.error = Some(why);
+        }
+    }
+}

@@ -27,15 +27,17 @@ use crate::daemon::Activity;
 use crate::dns::{Registry, Resolver};
 use crate::metrics as m;
 use crate::ssh::handler::Handler;
-use crate::ssh::keyfile::KeyFile;
+use crate::ssh::keyfile::{GroupKey, KeyFile};
 use crate::ssh::keys::{self, HostKey, KeyError};
 
 /// What the server sends as its version: no russh version to fingerprint.
 const SERVER_ID: &str = "SSH-2.0-jumpgate";
-/// Per-channel flow-control window. russh's default is 2 MiB
-/// (russh-0.65.1 src/server/mod.rs:118); at loopback and LAN speeds a
-/// bigger window keeps a single channel from stalling on WINDOW_ADJUST.
-pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
+/// Per-channel flow-control window: 2 MiB, russh's default
+/// (russh-0.65.1 src/server/mod.rs:118) and OpenSSH's. 8 MiB was tried: the
+/// OpenSSH client then queues a whole window in its output buffer and spends
+/// 1.5-1.7 CPU-s/GiB compacting it (page faults, memmove) against 0.8-1.0
+/// with 2 MiB, which made jumpgate slower than sshd (docs/bench-ssh.md).
+pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest packet we accept; OpenSSH clients send at most 32 KiB of data
 /// per packet on a forwarding channel anyway (russh default: 32768).
 pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
@@ -216,11 +218,32 @@ impl SshMetrics {
     }
 }
 
-/// A user with their key file.
+/// A user with their key file and/or the service's group key.
 pub struct User {
     pub name: String,
-    pub keys: KeyFile,
+    pub keys: Option<KeyFile>,
+    pub group_key: Option<Arc<GroupKey>>,
     pub permitopen: Vec<crate::policy::PermitOpen>,
+}
+
+impl User {
+    /// Whether any key of this user can log in now.
+    pub fn has_key(&self) -> bool {
+        self.keys.as_ref().is_some_and(|k| !k.current().is_empty())
+            || self.group_key.as_ref().is_some_and(|g| g.current().is_some())
+    }
+
+    /// Why nobody can log in as this user (for /readyz/ssh).
+    pub fn why_no_key(&self) -> String {
+        let mut why = Vec::new();
+        if let Some(k) = &self.keys {
+            why.push(k.why_empty());
+        }
+        if let Some(g) = &self.group_key {
+            why.push(g.why_empty());
+        }
+        why.join("; ")
+    }
 }
 
 /// What every session of the server shares.
@@ -265,13 +288,16 @@ impl SshServer {
             .iter()
             .map(|u| User {
                 name: u.name.clone(),
-                keys: KeyFile::new(u.authorized_keys.clone()),
+                keys: u.authorized_keys.clone().map(KeyFile::new),
+                group_key: u.service_group.as_ref().map(|g| Arc::new(GroupKey::new(g, state_dir))),
                 permitopen: u.permitopen.clone(),
             })
             .collect();
         for u in &users {
-            let n = u.keys.current().len();
-            info!(user = %u.name, file = %u.keys.path().display(), keys = n, "authorized keys loaded");
+            if let Some(keys) = &u.keys {
+                let n = keys.current().len();
+                info!(user = %u.name, file = %keys.path().display(), keys = n, "authorized keys loaded");
+            }
         }
         let registry = resolver.map(|r| Registry::new(r, min_max_ttl.0, min_max_ttl.1, background));
         let listener = crate::forward::bind_listener(config.listen).map_err(|source| SshStartError::Bind {
@@ -297,6 +323,16 @@ impl SshServer {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The service group keys to keep fresh (user name, key).
+    pub fn group_keys(&self) -> Vec<Arc<GroupKey>> {
+        self.shared.users.iter().filter_map(|u| u.group_key.clone()).collect()
+    }
+
+    /// The host keys' public halves (for fingerprint registration).
+    pub fn host_public_keys(&self) -> Vec<russh::keys::PublicKey> {
+        self.russh.keys.iter().map(|k| k.public_key().clone()).collect()
     }
 
     /// `256 SHA256:... jumpgate (ED25519)` per host key.
@@ -332,13 +368,13 @@ impl SshServer {
     pub fn readiness(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
         let shared = self.shared.clone();
         move || {
-            if shared.users.iter().any(|u| !u.keys.current().is_empty()) {
+            if shared.users.iter().any(User::has_key) {
                 return Ok(());
             }
             let why: Vec<String> = shared
                 .users
                 .iter()
-                .map(|u| format!("user {:?}: {}", u.name, u.keys.why_empty()))
+                .map(|u| format!("user {:?}: {}", u.name, u.why_no_key()))
                 .collect();
             Err(format!("ssh: no user key loaded ({})", why.join("; ")))
         }

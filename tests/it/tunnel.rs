@@ -999,6 +999,74 @@ fn hashed_known_hosts_entry_is_accepted() {
 }
 
 #[test]
+fn ecdsa_and_rsa_identities_authenticate_too() {
+    let dir = temp_dir("jumpgate-tunnel-");
+    let ecdsa = UserKey::generate(dir.path(), "id_ecdsa", "ecdsa");
+    let rsa = UserKey::generate(dir.path(), "id_rsa", "rsa");
+    let sshd = Sshd::start(&[ecdsa.line(""), rsa.line("")]);
+    let up = Upstream::bind(ip("127.0.0.2"), 0, Behavior::Echo).expect("bind");
+    let (p_ecdsa, p_rsa) = (quiet_port(), quiet_port());
+    let tunnel = |name: &str, key: &UserKey, port: u16| Tunnel {
+        name: name.to_string(),
+        server: sshd.server(),
+        user: sshd.user().to_string(),
+        identity: key.path.clone(),
+        check: HostCheck::Fingerprint(sshd.fingerprint()),
+        remotes: vec![remote(port, up.addr())],
+    };
+    let (t_ecdsa, t_rsa) = (tunnel("ecdsa", &ecdsa, p_ecdsa), tunnel("rsa", &rsa, p_rsa));
+    let d = start(&[&t_ecdsa, &t_rsa]);
+    for (name, port) in [("ecdsa", p_ecdsa), ("rsa", p_rsa)] {
+        wait_up(&d, &sshd, name, UP_TIMEOUT);
+        assert_eq!(reached(port), Some(ip("127.0.0.2")), "through tunnel {name}");
+    }
+}
+
+#[test]
+fn key_the_server_refuses_counts_auth_and_is_retried() {
+    let site = Site::new();
+    let up = Upstream::bind(ip("127.0.0.2"), 0, Behavior::Echo).expect("bind");
+    let stranger = UserKey::generate(site.dir.path(), "not_authorized", "ed25519");
+    let port = quiet_port();
+    let mut t1 = site.tunnel("t1", vec![remote(port, up.addr())]);
+    t1.identity = stranger.path.clone();
+    let d = start(&[&t1]);
+
+    let mut listened = false;
+    let retried = wait_until(Duration::from_secs(8), || {
+        listened |= !listeners(port).is_empty();
+        failures(&d, "t1", "auth") >= 2.0
+    });
+    assert!(
+        retried,
+        "tunnel_failures_total{{reason=\"auth\"}} = {} after 8 s, want >= 2 (counted and retried)",
+        failures(&d, "t1", "auth")
+    );
+    assert!(!listened, "the remote port listened without authentication");
+    assert_eq!(failures(&d, "t1", "host_key"), 0.0, "the host key was right");
+    let (code, body) = readyz_tunnel(&d, "t1");
+    assert_eq!(code, 503, "/readyz/tunnel/t1: {body}");
+    assert!(
+        body.contains("tunnel \"t1\""),
+        "/readyz/tunnel/t1 should name the tunnel: {body:?}"
+    );
+}
+
+#[test]
+fn server_named_in_dns_is_dialled() {
+    let dns = DnsServer::start();
+    dns.set_a("sshd", &[ip("127.0.0.1")], 30);
+    let site = Site::new();
+    let up = Upstream::bind(ip("127.0.0.2"), 0, Behavior::Echo).expect("bind");
+    let port = quiet_port();
+    let mut t1 = site.tunnel("t1", vec![remote(port, up.addr())]);
+    t1.server = format!("sshd.jumpgate.test:{}", site.sshd.port());
+    let d = Daemon::start(&tunnel_config(&[&t1], Some(dns.addr()), ""));
+    wait_up(&d, &site.sshd, "t1", UP_TIMEOUT);
+    assert_eq!(reached(port), Some(ip("127.0.0.2")));
+}
+
+#[test]
 fn database_down_closes_that_channel_only_and_the_tunnel_stays_up() {
     let site = Site::new();
     let mut db = Upstream::bind(ip("127.0.0.2"), 0, Behavior::Echo).expect("bind");
