@@ -40,6 +40,10 @@ pub enum Command {
         /// Config file, as for `run`.
         #[arg(long, env = "JUMPGATE_CONFIG", default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Also connect to every target (forward targets, SSH allow rules that name a host, tunnel
+        /// `connect`s) and say whether its database answers and offers TLS; exit 1 if any is unreachable.
+        #[arg(long)]
+        probe: bool,
     },
     /// Write a new OpenSSH key pair: PATH (private, mode 0600) and PATH.pub.
     Keygen {
@@ -94,7 +98,14 @@ pub enum KeyType {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config, ready_file } => run(&config, ready_file),
-        Command::Check { config } => check(&config),
+        Command::Check { config, probe } => {
+            let code = check(&config);
+            if probe && code == ExitCode::SUCCESS {
+                probe_targets(&config)
+            } else {
+                code
+            }
+        }
         Command::Keygen { key_type, out } => keygen(key_type, &out),
         Command::Fingerprint { config, key } => fingerprint(&config, key.as_deref()),
         Command::SetupInfo { config, json } => setup_info(&config, json),
@@ -104,6 +115,96 @@ pub fn main(cli: Cli) -> ExitCode {
             api_url,
         } => register_fingerprint(&config, &connection_id, api_url.as_deref()),
     }
+}
+
+/// How long one probe may take (connect and first exchange).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `check --probe`: what the service's setup test will find, from this host.
+fn probe_targets(path: &Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(1);
+    };
+    let mut targets: Vec<(String, crate::config::Target)> = Vec::new();
+    for f in &config.forward {
+        targets.push((format!("forward {:?}", f.name), f.target.clone()));
+    }
+    if let Some(ssh) = &config.ssh {
+        for rule in &ssh.policy.allow {
+            match &rule.target {
+                crate::policy::RuleTarget::Host(_) if !rule.label.contains('*') => {
+                    for &port in &rule.ports {
+                        targets.push((
+                            format!("ssh allow {}", rule.label),
+                            crate::config::Target {
+                                host: Host::Name(rule.label.clone()),
+                                port,
+                            },
+                        ));
+                    }
+                }
+                _ => println!(
+                    "probe    ssh allow {}: not probed (a wildcard or CIDR names no single host)",
+                    rule.label
+                ),
+            }
+        }
+    }
+    for t in &config.tunnel {
+        for r in &t.remotes {
+            targets.push((format!("tunnel {:?}", t.name), r.connect.clone()));
+        }
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut unreachable = 0;
+    rt.block_on(async {
+        let mut resolver: Option<Result<dns::Resolver, String>> = None;
+        for (what, target) in &targets {
+            let addrs: Vec<std::net::IpAddr> = match &target.host {
+                Host::Ip(ip) => vec![*ip],
+                Host::Name(name) => {
+                    let r = resolver.get_or_insert_with(|| dns::Resolver::new(&config.dns).map_err(|e| e.to_string()));
+                    match r {
+                        Ok(r) => match r.lookup(name).await {
+                            Ok(res) => res.v4.iter().chain(res.v6.iter()).flatten().copied().collect(),
+                            Err(e) => {
+                                unreachable += 1;
+                                println!("probe    {what} {target}: does not resolve: {e}");
+                                continue;
+                            }
+                        },
+                        Err(e) => {
+                            unreachable += 1;
+                            println!("probe    {what} {target}: cannot resolve: {e}");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let protocol = crate::probe::Protocol::by_port(target.port);
+            for ip in addrs {
+                let addr = std::net::SocketAddr::new(ip, target.port);
+                match crate::probe::probe(addr, protocol, PROBE_TIMEOUT).await {
+                    Ok(result) => println!("probe    {what} {target}: {result}"),
+                    Err(e) => {
+                        unreachable += 1;
+                        println!("probe    {what} {target}: {addr} {e}");
+                    }
+                }
+            }
+        }
+    });
+    if unreachable > 0 {
+        println!("{unreachable} target(s) unreachable");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }
 
 fn keygen(key_type: KeyType, out: &Path) -> ExitCode {

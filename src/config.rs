@@ -8,7 +8,7 @@
 //! carries the line and column.
 //!
 //! Tables of roles that are not built yet (`[ssh]`, `[[tunnel]]`, `[service]`)
-//! and keys whose behaviour is not built yet (`proxy_protocol = true`) are
+//! and keys whose behaviour is not built yet are
 //! refused with a clear error: a config is never silently half-applied.
 
 use std::collections::HashSet;
@@ -450,6 +450,9 @@ impl HostKeyType {
 #[derive(Debug, Clone)]
 pub struct SshConfig {
     pub listen: SocketAddr,
+    /// Expect a PROXY v1/v2 header: the real client address is what
+    /// `allowed_sources`, `from=` and the audit log see.
+    pub proxy_protocol: bool,
     pub host_keys: Vec<HostKeySource>,
     /// Client addresses admitted before any SSH byte is read; empty = any.
     pub allowed_sources: Vec<ipnet::IpNet>,
@@ -549,6 +552,8 @@ pub struct ForwardConfig {
     pub listen: SocketAddr,
     pub target: Target,
     pub on_change: OnChange,
+    /// Expect a PROXY v1/v2 header (an NLB with proxy protocol on).
+    pub proxy_protocol: bool,
     pub connect_timeout: Duration,
 }
 
@@ -759,13 +764,7 @@ impl RawConfig {
             };
             let target = parse_target(target).map_err(|why| cx.err(&table, "target", why))?;
             let on_change = parse_on_change(&cx, &table, &raw.on_change)?;
-            if raw.proxy_protocol {
-                return Err(cx.err(
-                    &table,
-                    "proxy_protocol",
-                    "PROXY protocol is not built in this version yet (set proxy_protocol = false or remove it)",
-                ));
-            }
+
             let connect_timeout = cx.duration(&table, "connect_timeout", &raw.connect_timeout)?;
             if connect_timeout.is_zero() {
                 return Err(cx.err(&table, "connect_timeout", "must be more than 0 (write e.g. \"5s\")"));
@@ -775,6 +774,7 @@ impl RawConfig {
                 listen,
                 target,
                 on_change,
+                proxy_protocol: raw.proxy_protocol,
                 connect_timeout,
             });
         }
@@ -1120,13 +1120,7 @@ impl RawSsh {
             }
             host_keys.push(source);
         }
-        if self.proxy_protocol {
-            return Err(cx.err(
-                T,
-                "proxy_protocol",
-                "PROXY protocol is not built in this version yet (set proxy_protocol = false or remove it)",
-            ));
-        }
+
         let cidrs = |field: &'static str, list: &[String]| -> Result<Vec<ipnet::IpNet>, ConfigError> {
             list.iter()
                 .map(|c| parse_cidr(c).map_err(|why| cx.err(T, field, why)))
@@ -1271,6 +1265,7 @@ impl RawSsh {
 
         Ok(SshConfig {
             listen,
+            proxy_protocol: self.proxy_protocol,
             host_keys,
             allowed_sources,
             policy: Arc::new(Policy { allow, deny }),
@@ -1569,7 +1564,6 @@ mod tests {
             ("ip without port", route("target = \"10.0.0.5\""), "target: no port in \"10.0.0.5\" (write \"10.0.0.5:5432\")"),
             ("bad on_change", route("target = \"x.example.com:1\"\non_change = \"drop\""), "[[forward]] #2 \"rds\": on_change: unknown value \"drop\" (write \"keep\" or \"close\")"),
             ("bad connect_timeout", route("target = \"x.example.com:1\"\nconnect_timeout = \"5 parsecs\""), "[[forward]] #2 \"rds\": connect_timeout: bad duration \"5 parsecs\""),
-            ("proxy protocol not built", route("target = \"x.example.com:1\"\nproxy_protocol = true"), "[[forward]] #2 \"rds\": proxy_protocol: PROXY protocol is not built"),
             ("duplicate name", "[[forward]]\nname = \"rds\"\nlisten = \"127.0.0.1:1\"\ntarget = \"a.b:1\"\n[[forward]]\nname = \"rds\"\nlisten = \"127.0.0.1:2\"\ntarget = \"a.b:1\"\n".into(),
              "[[forward]] #2 \"rds\": name: \"rds\" is used by an earlier [[forward]]"),
             ("same listen twice", "[[forward]]\nname = \"a\"\nlisten = \"0.0.0.0:5432\"\ntarget = \"a.b:1\"\n[[forward]]\nname = \"b\"\nlisten = \"127.0.0.1:5432\"\ntarget = \"a.b:1\"\n".into(),
@@ -1604,7 +1598,6 @@ mod tests {
             ("ssh bad env host key", ssh("host_keys = [\"env:MY-KEY\"]\n", RULE), "[ssh]: host_keys: \"env:MY-KEY\": not an environment variable name"),
             ("ssh empty cmd host key", ssh("host_keys = [\"cmd: \"]\n", RULE), "[ssh]: host_keys: \"cmd:\" with no command"),
             ("ssh no host keys", ssh("host_keys = []\n", RULE), "[ssh]: host_keys: empty"),
-            ("ssh proxy protocol", ssh("proxy_protocol = true\n", RULE), "[ssh]: proxy_protocol: PROXY protocol is not built"),
             ("ssh same port as admin", ssh("listen = \"127.0.0.1:9090\"\n", RULE), "[ssh]: listen: 127.0.0.1:9090 is also [admin] listen"),
             ("ssh duplicate user", format!("{}[[ssh.user]]\nname = \"fivetran\"\nauthorized_keys = \"k\"\n", ssh("", RULE)), "[[ssh.user]] #2 \"fivetran\": name: \"fivetran\" is used by an earlier [[ssh.user]]"),
             ("ssh user without keys", "[ssh]\n[[ssh.user]]\nname = \"fivetran\"\n".into(), "[[ssh.user]] #1 \"fivetran\": authorized_keys: missing"),

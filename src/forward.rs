@@ -24,6 +24,7 @@ use crate::config::{ForwardConfig, OnChange};
 use crate::daemon::Activity;
 use crate::dns::Watch;
 use crate::metrics as m;
+use crate::proxy_protocol;
 use crate::relay::{self, Meter};
 use crate::upstream::{self, ConnectError};
 
@@ -36,6 +37,8 @@ const LISTEN_BACKLOG: u32 = 4096;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 const KEEPALIVE_PROBES: u32 = 4;
+/// A client on a proxy_protocol listener must send its header within this.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after an accept error such as EMFILE, so a full descriptor table
 /// does not turn the accept loop into a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -57,6 +60,8 @@ struct Route {
 struct RouteMetrics {
     ok: Counter,
     connect_failed: Counter,
+    proxy_rejected: Counter,
+    proxy_rejected_listener: Counter,
     active: Gauge,
     up: Counter,
     down: Counter,
@@ -71,6 +76,8 @@ impl RouteMetrics {
         RouteMetrics {
             ok: result("ok"),
             connect_failed: result("connect_failed"),
+            proxy_rejected: result("proxy_rejected"),
+            proxy_rejected_listener: metrics::counter!(m::PROXY_REJECTED, "listener" => format!("forward/{route}")),
             active: metrics::gauge!(m::FORWARD_ACTIVE, "route" => route.to_string()),
             up: bytes("up"),
             down: bytes("down"),
@@ -158,10 +165,25 @@ impl Forwarder {
 }
 
 impl Route {
-    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, cut: CancellationToken) {
+    async fn connection(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, cut: CancellationToken) {
         let _open = self.activity.enter();
         let started = Instant::now();
         tune(&client);
+        // Behind a load balancer with proxy protocol on, the header says who
+        // the client really is; without a valid one the connection is dropped.
+        let (peer, endpoint) = if self.config.proxy_protocol {
+            match Box::pin(proxy_protocol::read_header(&mut client, PROXY_HEADER_TIMEOUT)).await {
+                Ok(h) => (h.source.unwrap_or(peer), h.aws_vpce_id),
+                Err(e) => {
+                    self.metrics.proxy_rejected.increment(1);
+                    self.metrics.proxy_rejected_listener.increment(1);
+                    warn!(error = %e, "no valid PROXY header: connection dropped");
+                    return;
+                }
+            }
+        } else {
+            (peer, None)
+        };
         // Boxed: dialling (DNS re-resolve included) needs far more state
         // than relaying, and an unboxed future is as large as its largest
         // stage for its whole life: idle connections would pay for it.
@@ -182,7 +204,7 @@ impl Route {
         tune(&upstream);
         let upstream_addr = upstream.peer_addr().ok();
         info!(target: "audit", event = "forward_open", route = %self.config.name, client = %peer,
-            upstream = %display_addr(upstream_addr));
+            vpc_endpoint = endpoint.as_deref().unwrap_or("-"),upstream = %display_addr(upstream_addr));
 
         self.metrics.active.increment(1.0);
         let meter = Meter::new(self.metrics.up.clone(), self.metrics.down.clone());

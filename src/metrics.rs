@@ -22,6 +22,7 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "jumpgate_upstream_connect_seconds";
 pub const DNS_LOOKUPS: &str = "jumpgate_dns_lookups_total";
 pub const DNS_CHANGES: &str = "jumpgate_dns_changes_total";
 pub const BUILD_INFO: &str = "jumpgate_build_info";
+pub const PROXY_REJECTED: &str = "jumpgate_proxy_protocol_rejected_total";
 pub const SERVICE_API_REQUESTS: &str = "jumpgate_service_api_requests_total";
 pub const TUNNEL_UP: &str = "jumpgate_tunnel_up";
 pub const TUNNEL_RECONNECTS: &str = "jumpgate_tunnel_reconnects_total";
@@ -109,6 +110,10 @@ fn describe() {
     describe_counter!(
         SERVICE_API_REQUESTS,
         "Calls to the service's REST API by endpoint and result (ok, retried, unauthorized, http_error, refused, malformed, network)."
+    );
+    describe_counter!(
+        PROXY_REJECTED,
+        "Connections dropped on a proxy_protocol listener for a missing or invalid PROXY header."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
 }

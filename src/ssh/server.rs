@@ -51,6 +51,8 @@ pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// that the stalled loop cannot read) deadlocked in our tests. 256 x 32 KiB
 /// = 8 MiB per channel at most, allocated only while queued.
 pub const CHANNEL_BUFFER: usize = 4096;
+/// A client on a proxy_protocol listener must send its header within this.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a channel waits for the first DNS answer of a name.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// Connect timeout to a database for a channel.
@@ -186,6 +188,8 @@ pub struct SshMetrics {
     pub conn_source_refused: Counter,
     pub conn_startups_full: Counter,
     pub conn_login_timeout: Counter,
+    pub conn_proxy_rejected: Counter,
+    pub proxy_rejected_listener: Counter,
     pub auth_accepted: Counter,
     pub auth_rejected: Counter,
     pub sessions_active: Gauge,
@@ -206,6 +210,8 @@ impl SshMetrics {
             conn_source_refused: conn("source_refused"),
             conn_startups_full: conn("startups_full"),
             conn_login_timeout: conn("login_timeout"),
+            conn_proxy_rejected: conn("proxy_rejected"),
+            proxy_rejected_listener: metrics::counter!(m::PROXY_REJECTED, "listener" => "ssh"),
             auth_accepted: auth("accepted"),
             auth_rejected: auth("rejected"),
             sessions_active: metrics::gauge!(m::SSH_SESSIONS_ACTIVE),
@@ -401,11 +407,9 @@ impl SshServer {
                 },
                 () = stop.cancelled() => break,
             };
-            let sources = &shared.config.allowed_sources;
-            let ip = canonical(peer.ip());
-            if !sources.is_empty() && !sources.iter().any(|net| net.contains(&ip)) {
-                shared.metrics.conn_source_refused.increment(1);
-                info!(target: "audit", event = "connection_refused", %peer, reason = "source not in allowed_sources");
+            // Without PROXY protocol the socket's peer is the client: refuse it
+            // before reading anything. With it, the check waits for the header.
+            if !shared.config.proxy_protocol && !source_allowed(&shared, peer) {
                 continue;
             }
             let Ok(permit) = startups.clone().try_acquire_owned() else {
@@ -438,10 +442,22 @@ pub fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// `allowed_sources` for a client address; counts and audits a refusal.
+fn source_allowed(shared: &Shared, peer: SocketAddr) -> bool {
+    let sources = &shared.config.allowed_sources;
+    let ip = canonical(peer.ip());
+    if sources.is_empty() || sources.iter().any(|net| net.contains(&ip)) {
+        return true;
+    }
+    shared.metrics.conn_source_refused.increment(1);
+    info!(target: "audit", event = "connection_refused", %peer, reason = "source not in allowed_sources");
+    false
+}
+
 async fn connection(
     shared: Arc<Shared>,
     russh: Arc<RusshConfig>,
-    socket: TcpStream,
+    mut socket: TcpStream,
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
     cut: CancellationToken,
@@ -457,6 +473,27 @@ async fn connection(
     }
     let grace = shared.config.login_grace;
     let deadline = tokio::time::Instant::now() + grace;
+    let peer = if shared.config.proxy_protocol {
+        let wait = grace.min(PROXY_HEADER_TIMEOUT);
+        match crate::proxy_protocol::read_header(&mut socket, wait).await {
+            Ok(h) => {
+                let real = h.source.unwrap_or(peer);
+                debug!(%real, vpc_endpoint = h.aws_vpce_id.as_deref().unwrap_or("-"), "PROXY header");
+                if !source_allowed(&shared, real) {
+                    return;
+                }
+                real
+            }
+            Err(e) => {
+                shared.metrics.conn_proxy_rejected.increment(1);
+                shared.metrics.proxy_rejected_listener.increment(1);
+                warn!(%peer, error = %e, "no valid PROXY header: connection dropped");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     let (authed_tx, authed_rx) = oneshot::channel();
     let handler = Handler::new(shared.clone(), peer, authed_tx, cut.clone(), conns);
     let running = tokio::select! {
