@@ -129,6 +129,18 @@ pub async fn serve(
         let service = TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
+            // An NLB with proxy protocol on sends the header on its health
+            // checks too. HTTP never starts with a PROXY signature, so a
+            // header is read and discarded (never trusted: the admin
+            // endpoint makes no decision on the client's address).
+            match crate::proxy_protocol::read_header(&mut stream, HEADER_READ_TIMEOUT).await {
+                Ok(_) | Err(crate::proxy_protocol::ProxyError::NotProxy) => {}
+                Err(e) => {
+                    debug!(%peer, error = %e, "admin: broken PROXY header; closing");
+                    return;
+                }
+            }
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

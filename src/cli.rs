@@ -295,8 +295,22 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
             "ssh_host": "<this host's public DNS name or its load balancer's>",
             "ssh_port": s.listen.port(),
             "ssh_users": s.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>(),
+            "expected_keys": s.users.iter().map(|u| {
+                let mut keys = Vec::new();
+                if let Some(path) = &u.authorized_keys {
+                    keys.push(format!("keys in {}", path.display()));
+                }
+                if let Some(group) = &u.service_group {
+                    let cached = config.state_dir.join(format!("service_group_{group}.pub"));
+                    match std::fs::read_to_string(&cached) {
+                        Ok(line) => keys.push(format!("the service's key for group {group}: {}", line.trim())),
+                        Err(_) => keys.push(format!("the service's key for group {group} (fetched from its API at start)")),
+                    }
+                }
+                serde_json::json!({ "user": u.name, "keys": keys })
+            }).collect::<Vec<_>>(),
             "host_key_fingerprints": fingerprints,
-            "databases": s.policy.allow.iter().map(|r| format!("{} ports {:?}", r.label, r.ports)).collect::<Vec<_>>(),
+            "registered_by_api": config.service.as_ref().is_some_and(|svc| !svc.connection_ids.is_empty()),"databases": s.policy.allow.iter().map(|r| format!("{} ports {:?}", r.label, r.ports)).collect::<Vec<_>>(),
         });
     }
     if json {
@@ -324,7 +338,19 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
             for u in ssh["ssh_users"].as_array().into_iter().flatten() {
                 println!("    SSH user:  {}", u.as_str().unwrap_or_default());
             }
-            println!("  approve the host key the service shows only if it is one of these:");
+            for u in ssh["expected_keys"].as_array().into_iter().flatten() {
+                for k in u["keys"].as_array().into_iter().flatten() {
+                    println!("  user {} logs in with {}", u["user"], k.as_str().unwrap_or_default());
+                }
+            }
+            if ssh["registered_by_api"].as_bool() == Some(true) {
+                println!("  host keys: registered with the service's API at start-up ([service] connection_ids)");
+            } else {
+                println!(
+                    "  no API key at hand: in the service's setup test, approve the host key only if it is one of these"
+                );
+                println!("  (the service shows the part after SHA256:):");
+            }
             let fps = ssh["host_key_fingerprints"].as_array().cloned().unwrap_or_default();
             if fps.is_empty() {
                 println!("    (no host key yet: `jumpgate run` generates them on first start)");

@@ -16,6 +16,7 @@
 //! the forward is refused until the server drops it, and we keep retrying.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -106,6 +107,8 @@ struct Shared {
     remotes: Vec<(RemoteConfig, Watch)>,
     activity: Arc<Activity>,
     metrics: Metrics,
+    /// Forwarded connections open now (the drain waits for them).
+    open: AtomicUsize,
 }
 
 /// One `[[tunnel]]`, ready to run.
@@ -161,6 +164,7 @@ impl Tunnel {
                 remotes,
                 activity,
                 metrics,
+                open: AtomicUsize::new(0),
             }),
             server,
             state: watch::channel(State::Connecting).0,
@@ -414,6 +418,23 @@ impl Session<'_> {
         tokio::select! {
             () = closed => {}
             () = stop.cancelled() => {
+                // Give the ports back at once (a standby takes over), but let
+                // the connections in flight finish, until `cut`.
+                for r in &config.remotes {
+                    let _ = handle.cancel_tcpip_forward(r.bind_address.as_str(), u32::from(r.port)).await;
+                }
+                info!(tunnel = %config.name, open = self.shared.open.load(Ordering::SeqCst),
+                    "stopping: remote ports released; waiting for open connections");
+                self.state.send_replace(State::Down {
+                    since: SystemTime::now(),
+                    reason: "shutting down".into(),
+                });
+                while self.shared.open.load(Ordering::SeqCst) > 0 && !handle.is_closed() {
+                    tokio::select! {
+                        () = cut.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
                 let _ = handle.disconnect(russh::Disconnect::ByApplication, "shutting down", "en").await;
                 return (Ok(()), Some(since.elapsed()));
             }
@@ -598,6 +619,7 @@ impl Forwarded {
         let upstream_addr: Option<SocketAddr> = tcp.peer_addr().ok();
         reply.accept().await;
         let _open = self.shared.activity.enter();
+        self.shared.open.fetch_add(1, Ordering::SeqCst);
         info!(target: "audit", event = "tunnel_conn_open", tunnel = %tunnel, origin = %self.origin,
             upstream = %upstream_addr.map_or_else(|| "unknown".into(), |a| a.to_string()));
         let meter = Meter::new(
@@ -619,8 +641,9 @@ impl Forwarded {
             Ok(Some(why)) => why.to_string(),
             Err(e) => format!("{} error: {}", e.side.as_str(), e.source),
         };
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
         let (up, down) = meter.bytes();
-        info!(target: "audit", event = "tunnel_conn_close", tunnel = %tunnel, origin = %self.origin,
+        info!(target: "audit", event = "tunnel_conn_close",tunnel = %tunnel, origin = %self.origin,
             bytes_up = up, bytes_down = down, duration_ms = started.elapsed().as_millis() as u64, reason = %reason);
     }
 }

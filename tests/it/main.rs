@@ -3,7 +3,11 @@
 //! process, TCP upstreams on 127.0.0.2 / 127.0.0.3, PostgreSQL) over loopback.
 
 mod config;
+mod drain;
 mod forward;
+mod probe;
+mod proxy;
+mod service;
 mod ssh;
 mod support;
 mod tunnel;

@@ -51,8 +51,14 @@ pub fn config(daemon: &str, dns: Option<SocketAddr>, routes: &str) -> String {
 /// Runs `jumpgate ARGS...` to completion (at most 30 s), no stdin, a clean
 /// environment for its own variables. Returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    run_cli_env(args, &[])
+}
+
+/// As [`run_cli`], with the environment variables `env` set for the child.
+pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut child = command()
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -160,9 +166,15 @@ impl Daemon {
     /// Starts the daemon; `Err` if it exits before writing its ready file
     /// (or is still not ready after 20 s, in which case it is killed).
     pub fn try_start(config_text: &str) -> Result<Self, StartFailure> {
+        Self::try_start_env(config_text, &[])
+    }
+
+    /// As [`Daemon::try_start`], with the environment variables `env` set for the daemon.
+    pub fn try_start_env(config_text: &str, env: &[(&str, &str)]) -> Result<Self, StartFailure> {
         let dir = ConfigDir::new(config_text);
         let ready = dir.path().join("ready.json");
         let mut child = command()
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(dir.config())

@@ -4,6 +4,7 @@
 //! Everything here talks only to loopback addresses, and every loop is
 //! bounded in time.
 
+pub mod api;
 pub mod daemon;
 pub mod dns;
 pub mod pg;

@@ -1,10 +1,12 @@
 //! A real PostgreSQL server for the tests: `initdb` in a temporary directory,
 //! `postgres` on a free 127.0.0.1 port with its unix socket in that directory,
 //! a table `items` with known rows, stopped on drop. Queries go through the
-//! real `psql` client. As root, PostgreSQL refuses to run, so the server runs
+//! real `psql` client. [`Postgres::try_start_on`] picks the address and can
+//! turn TLS on. As root, PostgreSQL refuses to run, so the server runs
 //! as the `postgres` user (or `nobody`) through `setpriv`.
 
 use std::ffi::CString;
+use std::net::IpAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,6 +20,7 @@ pub const ITEMS: &str = "1|alpha\n2|beta\n3|gamma";
 /// A running PostgreSQL; killed (immediate shutdown) and its files removed on drop.
 pub struct Postgres {
     child: Child,
+    host: IpAddr,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -114,13 +117,27 @@ fn check(what: &str, out: std::io::Result<Output>) -> Output {
 }
 
 impl Postgres {
-    /// initdb, start, wait until it answers, create `items`. Panics with
-    /// PostgreSQL's own log if it does not come up within 30 s.
+    /// initdb, start on a free port of 127.0.0.1, wait until it answers,
+    /// create `items`. Panics with PostgreSQL's own log if it does not come
+    /// up within 30 s.
     pub fn start() -> Self {
+        // A port free a moment ago can be taken meanwhile: try a few.
+        for _ in 0..5 {
+            if let Ok(pg) = Self::try_start_on(IpAddr::from([127, 0, 0, 1]), free_port(), false) {
+                return pg;
+            }
+        }
+        panic!("postgres could not bind a free port in 5 tries");
+    }
+
+    /// As [`Postgres::start`], listening on `ip:port`, with TLS on (a
+    /// self-signed certificate made by `openssl`) or off. `Err` with the
+    /// server's log when that address cannot be bound; any other failure panics.
+    pub fn try_start_on(ip: IpAddr, port: u16, tls: bool) -> Result<Self, String> {
         let initdb = program("initdb", "postgresql");
         let postgres = program("postgres", "postgresql");
         program("psql", "postgresql-client");
-        let mut dir = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("jumpgate-pg-")
             .tempdir()
             .expect("temp dir");
@@ -146,58 +163,78 @@ impl Postgres {
                 .stdin(Stdio::null())
                 .output(),
         );
-        // A port free a moment ago can be taken meanwhile: try a few.
-        for _ in 0..5 {
-            let port = free_port();
-            let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
-            if let Some((uid, gid, _)) = server_user() {
-                chown(&dir.path().join("postgres.log"), uid, gid);
-            }
-            let child = as_server_user(&postgres)
-                .current_dir(dir.path())
-                .arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-F", "-k"])
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log fd"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn postgres");
-            let mut pg = Postgres { child, port, dir };
-            let up = wait_for(Duration::from_secs(30), || {
-                if pg.child.try_wait().ok().flatten().is_some() {
-                    return Some(false);
-                }
-                pg.try_query(port, "select 1")
-                    .ok()
-                    .filter(|out| out == "1")
-                    .map(|_| true)
-            });
-            match up {
-                Some(true) => {
-                    pg.query(
-                        port,
-                        "create table items (id int primary key, name text not null); \
-                         insert into items values (1, 'alpha'), (2, 'beta'), (3, 'gamma');",
-                    );
-                    return pg;
-                }
-                Some(false) => {
-                    // Exited: most likely the port was taken; try another.
-                    let log = pg.log();
-                    if !log.contains("could not bind") && !log.contains("in use") {
-                        panic!("postgres exited at start:\n{log}");
-                    }
-                    dir = std::mem::replace(&mut pg.dir, tempfile::tempdir().expect("temp dir"));
-                }
-                None => panic!("postgres did not answer within 30 s:\n{}", pg.log()),
-            }
+        let mut settings: Vec<String> = Vec::new();
+        if tls {
+            let (cert, key) = self_signed_certificate(dir.path());
+            settings.extend([
+                "-c".into(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".into(),
+                format!("ssl_key_file={}", key.display()),
+            ]);
         }
-        panic!("postgres could not bind a free port in 5 tries");
+        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
+        if let Some((uid, gid, _)) = server_user() {
+            chown(&dir.path().join("postgres.log"), uid, gid);
+        }
+        let child = as_server_user(&postgres)
+            .current_dir(dir.path())
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-h", &ip.to_string(), "-F", "-k"])
+            .arg(dir.path())
+            .args(&settings)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn postgres");
+        let mut pg = Postgres {
+            child,
+            host: ip,
+            port,
+            dir,
+        };
+        let up = wait_for(Duration::from_secs(30), || {
+            if pg.child.try_wait().ok().flatten().is_some() {
+                return Some(false);
+            }
+            psql_at(ip, port, "select 1")
+                .ok()
+                .filter(|out| out == "1")
+                .map(|_| true)
+        });
+        match up {
+            Some(true) => {
+                psql_at(
+                    ip,
+                    port,
+                    "create table items (id int primary key, name text not null); \
+                     insert into items values (1, 'alpha'), (2, 'beta'), (3, 'gamma');",
+                )
+                .unwrap_or_else(|e| panic!("psql on {ip}:{port} failed: {e}\nserver log:\n{}", pg.log()));
+                Ok(pg)
+            }
+            Some(false) => {
+                // Exited: most likely the address was taken.
+                let log = pg.log();
+                if !log.contains("could not bind") && !log.contains("in use") {
+                    panic!("postgres exited at start:\n{log}");
+                }
+                Err(log)
+            }
+            None => panic!("postgres did not answer within 30 s:\n{}", pg.log()),
+        }
     }
 
-    /// The port PostgreSQL listens on at 127.0.0.1.
+    /// The address PostgreSQL listens on.
+    pub fn host(&self) -> IpAddr {
+        self.host
+    }
+
+    /// The port PostgreSQL listens on (at 127.0.0.1 for [`Postgres::start`]).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -223,11 +260,16 @@ impl Postgres {
 /// `psql -h 127.0.0.1 -p PORT -U postgres -d postgres -Atc SQL` with a 5 s
 /// connect timeout; its trimmed stdout, or its stderr as the error.
 pub fn psql(port: u16, sql: &str) -> Result<String, String> {
+    psql_at(IpAddr::from([127, 0, 0, 1]), port, sql)
+}
+
+/// As [`psql`], to `host:port`.
+pub fn psql_at(host: IpAddr, port: u16, sql: &str) -> Result<String, String> {
     let psql = program("psql", "postgresql-client");
     let out = Command::new(psql)
         .args([
             "-h",
-            "127.0.0.1",
+            &host.to_string(),
             "-p",
             &port.to_string(),
             "-U",
@@ -251,6 +293,38 @@ pub fn psql(port: u16, sql: &str) -> Result<String, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// A self-signed certificate and its key for `localhost`, made by `openssl`
+/// in `dir`, readable by the server user only; (certificate, key) paths.
+fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let openssl = super::ssh::program("openssl", "openssl");
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    check(
+        "openssl req",
+        Command::new(openssl)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdin(Stdio::null())
+            .output(),
+    );
+    // PostgreSQL refuses a key file that others can read.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod key");
+    if let Some((uid, gid, _)) = server_user() {
+        chown(&cert, uid, gid);
+        chown(&key, uid, gid);
+    }
+    (cert, key)
 }
 
 impl Drop for Postgres {

@@ -338,6 +338,12 @@ pub struct SshConfig {
     pub extra: String,
     /// `[[ssh.allow]]` tables (see [`allow_host`], [`allow_cidr`]).
     pub allow: String,
+    /// The `[daemon]` lines; empty: `drain_delay = "0s"`, `shutdown_grace = "2s"`.
+    pub daemon: String,
+    /// Extra lines inside `[[ssh.user]]` of user `fivetran` (e.g. `service_group`).
+    pub user_extra: String,
+    /// Tables after everything else (e.g. `[service]`).
+    pub tail: String,
 }
 
 impl Default for SshConfig {
@@ -348,6 +354,9 @@ impl Default for SshConfig {
             user_permitopen: Vec::new(),
             extra: String::new(),
             allow: String::new(),
+            daemon: String::new(),
+            user_extra: String::new(),
+            tail: String::new(),
         }
     }
 }
@@ -424,11 +433,11 @@ impl Lab {
             "state_dir = \"{state}\"\n\n\
              [log]\nformat = \"json\"\nlevel = \"debug\"\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
-             [daemon]\ndrain_delay = \"0s\"\nshutdown_grace = \"2s\"\n\n\
+             [daemon]\n{daemon}\n\
              [dns]\nnameservers = [\"{dns}\"]\nmin_ttl = \"1s\"\nmax_ttl = \"30s\"\n\n\
              [ssh]\nlisten = \"127.0.0.1:0\"\ndeny = {deny}\non_change = \"{on_change}\"\n{extra}\n\
-             [[ssh.user]]\nname = \"{USER}\"\nauthorized_keys = \"{keys}\"\npermitopen = {permitopen}\n\n\
-             {allow}",
+             [[ssh.user]]\nname = \"{USER}\"\nauthorized_keys = \"{keys}\"\npermitopen = {permitopen}\n{user_extra}\n\
+             {allow}{tail}",
             state = self.state_dir().display(),
             deny = quoted(&ssh.deny),
             on_change = ssh.on_change,
@@ -436,6 +445,13 @@ impl Lab {
             keys = self.authorized_keys().display(),
             permitopen = quoted(&ssh.user_permitopen),
             allow = ssh.allow,
+            daemon = if ssh.daemon.is_empty() {
+                "drain_delay = \"0s\"\nshutdown_grace = \"2s\"\n"
+            } else {
+                &ssh.daemon
+            },
+            user_extra = ssh.user_extra,
+            tail = ssh.tail,
         )
     }
 
@@ -462,21 +478,26 @@ impl Lab {
 
     /// As [`Lab::start`] without waiting for `/readyz/ssh`.
     pub fn start_unready(&self, ssh: &SshConfig, dns: SocketAddr) -> Bastion {
-        let daemon = Daemon::start(&self.config(ssh, dns));
+        let bastion = self.bastion(Daemon::start(&self.config(ssh, dns)));
+        bastion.write_known_hosts(&self.host_public_keys());
+        bastion
+    }
+
+    /// A daemon started from this lab's config (possibly edited), without a
+    /// `known_hosts` yet (see [`Bastion::write_known_hosts`]).
+    pub fn bastion(&self, daemon: Daemon) -> Bastion {
         let addr = daemon.ssh.unwrap_or_else(|| {
             panic!(
                 "ready file has no \"ssh\" address; stderr:\n{}",
                 daemon.stderr_lines().join("\n")
             )
         });
-        let bastion = Bastion {
+        Bastion {
             daemon,
             addr,
             known_hosts: self.path().join("known_hosts"),
             lab_dir: self.path().to_path_buf(),
-        };
-        bastion.write_known_hosts(&self.host_public_keys());
-        bastion
+        }
     }
 
     /// The daemon's host public keys (`type base64 comment` lines), ed25519 then ecdsa.

@@ -1,0 +1,1815 @@
+//! `cargo bench --bench tunnel`: jumpgate's reverse tunnel (role `tunnel`) against `ssh -N -R`,
+//! side by side in one run, both dialled to the same OpenSSH `sshd` (issue 8, "Numbers").
+//!
+//! One sshd per cipher (its `Ciphers` line names only that cipher, so jumpgate and `ssh`
+//! negotiate the same one); each carries one jumpgate tunnel and one `ssh -N -R`, each asking for
+//! two remote ports on sshd's loopback: one forwarded to a sink in this process, one to an echo
+//! server in this process. Measured:
+//! - throughput: bytes pushed into the sink's remote port travel sshd → tunnel client → sink,
+//!   with aes256-gcm and chacha20-poly1305 (raw loopback to the sink for scale), plus the CPU that
+//!   sshd and the tunnel client spend per GiB;
+//! - connection rate: sequential connect to the echo's remote port, one round trip, half-close,
+//!   wait for the close;
+//! - recovery after an sshd restart (its own sshd and jumpgate): sshd and every session process
+//!   killed, sshd started again on the same port; the time from sshd accepting again to the first
+//!   byte echoed through the tunnel, with the backoff pause jumpgate was in at that moment (read
+//!   from its debug log) and where the rest of the time went.
+//!
+//! It prints a table, writes it to `target/bench-tunnel.md`, and exits 1 if jumpgate did not
+//! carry something correctly (bytes changed, lost or cut off, a half-close lost, a connection that
+//! failed, a tunnel that never came back). A timing target that is missed does not fail the run;
+//! it shows as **NOT met**.
+//!
+//! Without `--bench` (how `cargo test --all-targets` runs it, debug build) it is a smoke run of a
+//! few seconds: small sizes, few connections, one restart, every path still exercised and checked.
+//! Only 127.0.0.1 is ever listened on or connected to; every child process started here is killed,
+//! with every descendant, when its guard drops.
+
+use std::{
+    collections::{HashMap, HashSet},
+    env,
+    fmt::Write as _,
+    fs::{self, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+
+/// Write and read size of the bulk transfers: large, so the bench's own ends cost little per byte.
+const CHUNK: usize = 1 << 20;
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// One connection of the rate test (connect, round trip, close), at most.
+const CONN_TIMEOUT: Duration = Duration::from_secs(10);
+/// sshd must accept again this soon after it is started again.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
+/// The tunnel must carry a byte again this soon after sshd accepts: longer than the longest
+/// backoff pause (30 s cap + 20 % jitter) plus a login.
+const RECOVERY_BOUND: Duration = Duration::from_secs(45);
+/// How often the recovery phase looks for sshd listening and for the tunnel carrying a byte.
+const SSHD_POLL: Duration = Duration::from_millis(1);
+const TUNNEL_POLL: Duration = Duration::from_millis(2);
+/// What one connection of the rate test sends (and gets back).
+const PING: &[u8] = b"ping jumpgate tunnel\n";
+/// A connection of the rate test this slow waited for a delayed ACK (40 ms on Linux) somewhere:
+/// sshd leaves Nagle on for its client connection when no pty is asked for.
+const STALL_MS: f64 = 35.0;
+/// jumpgate's backoff: first pause (each later one doubles, ±20 % jitter), src/tunnel.rs.
+const BACKOFF_START_S: f64 = 0.5;
+/// Issue 8's targets: ≥ 1.0× `ssh -R` for throughput and connection rate; back within 2 s plus
+/// the backoff pause in effect after an sshd restart.
+const THROUGHPUT_TARGET: f64 = 1.0;
+const RATE_TARGET: f64 = 1.0;
+const RECOVERY_SLACK_S: f64 = 2.0;
+/// jumpgate's log filter for the tunnels measured: warnings only, so the data path logs nothing.
+const LOG_QUIET: &str = "warn";
+/// For the recovery phase: the supervisor's "re-dialling after a pause" (debug) and the audit
+/// lines `tunnel_down` / `tunnel_up`, as JSON, so the bench can see where the time went.
+const LOG_RECOVERY: &str = "warn,jumpgate::tunnel=debug,audit=info";
+
+/// (short name, OpenSSH name), in the issue's order.
+const CIPHERS: [(&str, &str); 2] = [
+    ("aes256-gcm", "aes256-gcm@openssh.com"),
+    ("chacha20-poly1305", "chacha20-poly1305@openssh.com"),
+];
+
+/// Sizes and bounds of one run.
+struct Plan {
+    full: bool,
+    bytes: u64,
+    verify_bytes: u64,
+    reps: usize,
+    conns: usize,
+    conns_bound: Duration,
+    restarts: usize,
+}
+
+const FULL: Plan = Plan {
+    full: true,
+    bytes: 2 << 30,
+    verify_bytes: 64 << 20,
+    // Others share this machine: the median of 5 rides out most of their bursts.
+    reps: 5,
+    conns: 500,
+    conns_bound: Duration::from_secs(60),
+    restarts: 3,
+};
+
+const SMOKE: Plan = Plan {
+    full: false,
+    bytes: 32 << 20,
+    verify_bytes: 4 << 20,
+    reps: 1,
+    conns: 20,
+    conns_bound: Duration::from_secs(30),
+    restarts: 1,
+};
+
+const M_RAW: &str = "raw loopback to the sink, no SSH (Gbit/s)";
+
+fn m_throughput(cipher: &str) -> String {
+    format!("throughput sshd → tunnel client → sink, {cipher} (Gbit/s)")
+}
+
+fn m_client_cpu(cipher: &str) -> String {
+    format!("tunnel client CPU per GiB, {cipher} (s)")
+}
+
+fn m_server_cpu(cipher: &str) -> String {
+    format!("sshd CPU per GiB, {cipher} (s)")
+}
+
+fn m_rate(cipher: &str) -> String {
+    format!("connections/s through the tunnel (connect, round trip, close; sequential), {cipher}")
+}
+
+fn m_rate_ms(cipher: &str) -> String {
+    format!("one connection, p50, {cipher} (ms)")
+}
+
+fn m_rate_p10(cipher: &str) -> String {
+    format!("one connection, p10 (no stall), {cipher} (ms)")
+}
+
+fn m_rate_stalled(cipher: &str) -> String {
+    format!("connections that took ≥ {STALL_MS:.0} ms, {cipher} (%)")
+}
+
+fn m_client_rss(cipher: &str) -> String {
+    format!("peak RSS of the tunnel client, {cipher} (MiB)")
+}
+
+fn m_session_rss(cipher: &str) -> String {
+    format!("peak RSS of the sshd session serving it, {cipher} (MiB)")
+}
+
+fn main() {
+    let plan = if env::args().any(|a| a == "--bench") {
+        &FULL
+    } else {
+        &SMOKE
+    };
+    if let Err(e) = run(plan) {
+        eprintln!("bench tunnel: FAILED: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(plan: &Plan) -> Result<()> {
+    let started = Instant::now();
+    let mode = if plan.full {
+        "full run"
+    } else {
+        "smoke run (no --bench)"
+    };
+    println!("bench tunnel: {mode}; load average before: {}", loadavg());
+    ensure!(
+        Path::new(SSHD).is_file(),
+        "{SSHD} not found: install the Debian package openssh-server (every measurement needs it)"
+    );
+    let mut report = Report::default();
+    let lab = Lab::new()?;
+    let sink = start_sink()?;
+    let echo = Echo::start()?;
+
+    {
+        let mut sites = Vec::new();
+        for cipher in CIPHERS {
+            sites.push(Site::start(&lab, cipher, sink, echo.addr, &mut report)?);
+        }
+        verify(plan, &mut sites, &echo, &mut report);
+        throughput(plan, &mut sites, sink, &mut report);
+        println!("({:.1} s)", started.elapsed().as_secs_f64());
+        connection_rate(plan, &mut sites, &echo, &mut report);
+        println!("({:.1} s)", started.elapsed().as_secs_f64());
+    }
+    recovery(plan, &lab, sink, echo.addr, &mut report);
+
+    println!(
+        "load average after: {}; took {:.1} s",
+        loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    let markdown = report.render(plan, &lab.user);
+    println!("\n{markdown}");
+    let out = target_dir();
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("bench-tunnel.md"), &markdown)?;
+    println!("wrote {}", out.join("bench-tunnel.md").display());
+    ensure!(
+        report.problems.is_empty(),
+        "jumpgate's tunnel did not carry connections correctly:\n  {}",
+        report.problems.join("\n  ")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes and the lab they share
+
+/// Where Debian's openssh-server installs the daemon (sshd re-executes itself, so it must be
+/// started by absolute path).
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// A child process, killed on drop with every descendant (sshd's session processes call
+/// setsid(), so a process group would not hold them).
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`, stdin from /dev/null.
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+        let out = OpenOptions::new().create(true).append(true).open(log)?;
+        cmd.stdout(out.try_clone()?).stderr(out).stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Fails with the end of the process's output if it has exited.
+    fn alive(&mut self) -> Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => bail!(
+                "{} exited ({status}); its output ends:\n{}",
+                self.name,
+                tail(&self.log, 20)
+            ),
+        }
+    }
+
+    /// Stops the process first (so it forks nothing new), then every descendant, then kills them
+    /// all and waits until they are gone (bounded): their ports are free afterwards.
+    fn kill(&mut self) {
+        let root = self.pid();
+        signal(root, libc::SIGSTOP);
+        let mut tree: HashSet<i32> = HashSet::new();
+        for _ in 0..50 {
+            let new: Vec<i32> = descendants(root).into_iter().filter(|p| !tree.contains(p)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for &p in &new {
+                signal(p, libc::SIGSTOP);
+            }
+            tree.extend(new);
+        }
+        for &p in &tree {
+            signal(p, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tree.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) takes plain integers. The pids are this bench's children and their
+    // descendants, read from /proc just before; a descendant's id is not reused while its
+    // parent (stopped, in this tree) has not reaped it.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Every process below `pid` (not `pid` itself), from the parent ids in /proc/*/stat.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may contain anything.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|s| s.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(p);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).into_iter().flatten() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// User + system CPU time of a process tree so far, in seconds (/proc/PID/stat, clock ticks;
+/// a process's own line includes its exited threads).
+fn cpu_seconds(pid: i32) -> f64 {
+    // SAFETY: sysconf(3) only reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0u64;
+    for p in std::iter::once(pid).chain(descendants(pid)) {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+        let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        for i in [11, 12] {
+            total += fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    total as f64 / ticks
+}
+
+/// The peak resident memory of one process (VmHWM), in KiB.
+fn peak_rss_kb(pid: i32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The inodes of the sockets `pid` holds open.
+fn socket_inodes(pid: i32) -> HashSet<u64> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| {
+            let link = fs::read_link(fd.path()).ok()?;
+            link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// (local port, remote port, inode) of the established IPv4 TCP connections (/proc/net/tcp).
+fn tcp_established() -> Vec<(u16, u16, u64)> {
+    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != "01" {
+                return None;
+            }
+            Some((port(f[1])?, port(f[2])?, f[9].parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sshd session process (a direct child of the listener `sshd_pid`) serving the SSH
+/// connection that process `client_pid` holds to `sshd_port`.
+fn sshd_session(sshd_pid: i32, sshd_port: u16, client_pid: i32) -> Option<i32> {
+    let tcp = tcp_established();
+    let client = socket_inodes(client_pid);
+    let client_port = tcp
+        .iter()
+        .find(|(_, remote, inode)| *remote == sshd_port && client.contains(inode))?
+        .0;
+    let server_side: HashSet<u64> = tcp
+        .iter()
+        .filter(|(local, remote, _)| *local == sshd_port && *remote == client_port)
+        .map(|(_, _, inode)| *inode)
+        .collect();
+    let children: Vec<i32> = descendants(sshd_pid)
+        .into_iter()
+        .filter(|&p| parent(p) == Some(sshd_pid))
+        .collect();
+    children.into_iter().find(|&child| {
+        std::iter::once(child)
+            .chain(descendants(child))
+            .any(|p| !socket_inodes(p).is_disjoint(&server_side))
+    })
+}
+
+fn parent(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+}
+
+/// The bench's temporary directory and the one ed25519 client key both tunnel clients use.
+struct Lab {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+    authorized_keys: PathBuf,
+    /// Who sshd logs in: the user running the bench (root when the bench runs as root).
+    user: String,
+}
+
+impl Lab {
+    fn new() -> Result<Lab> {
+        let dir = tempfile::Builder::new().prefix("jumpgate-bench-tunnel-").tempdir()?;
+        let key = dir.path().join("id_ed25519");
+        keygen(&key, "bench-tunnel")?;
+        let authorized_keys = dir.path().join("authorized_keys");
+        fs::copy(pub_path(&key), &authorized_keys)?;
+        let out = Command::new("id").arg("-un").output().context("id -un")?;
+        let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(!user.is_empty(), "`id -un` printed no user name");
+        Ok(Lab {
+            dir,
+            key,
+            authorized_keys,
+            user,
+        })
+    }
+
+    /// A new directory for one process.
+    fn subdir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+}
+
+fn pub_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+/// `ssh-keygen -q -t ed25519 -N '' -C COMMENT -f PATH`.
+fn keygen(path: &Path, comment: &str) -> Result<()> {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ssh-keygen (package openssh-client)")?;
+    ensure!(
+        out.status.success(),
+        "ssh-keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `SHA256:...` of a public key file, as `ssh-keygen -l` prints it.
+fn fingerprint(pub_key: &Path) -> Result<String> {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(pub_key)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ssh-keygen -l")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no SHA256 fingerprint in `ssh-keygen -lf`: {text:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports
+
+fn is_listening(port: u16) -> bool {
+    let listener = format!(": 0100007F:{port:04X} 00000000:0000 0A ");
+    fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&listener))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A port of 127.0.0.1 free a moment ago, picked at random below the kernel's ephemeral range, so
+/// no outgoing connection or `bind(0)` meanwhile can be handed it: sshd listens on it again after
+/// a restart, and a tunnel asks for it again after a reconnect.
+fn quiet_port() -> Result<u16> {
+    const FLOOR: u16 = 10_000;
+    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low < FLOOR + 1_000 {
+        return free_port();
+    }
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0u32..200 {
+        let r = std::hash::BuildHasher::hash_one(&random, (attempt, std::process::id()));
+        let port = FLOOR + (r % u64::from(low - FLOOR)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    free_port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// sshd
+
+/// One OpenSSH server with its own config, host key and log; killed with its sessions on drop.
+struct Sshd {
+    dir: PathBuf,
+    port: u16,
+    known_hosts: PathBuf,
+    fingerprint: String,
+    proc: Option<Proc>,
+}
+
+impl Sshd {
+    /// `cipher`: the only cipher it offers (None: OpenSSH's default list).
+    fn start(lab: &Lab, name: &str, cipher: Option<&str>) -> Result<Sshd> {
+        // sshd's privilege separation needs this directory; a container may not have it.
+        let _ = fs::create_dir_all("/run/sshd");
+        let dir = lab.subdir(name)?;
+        let host_key = dir.join("ssh_host_ed25519_key");
+        keygen(&host_key, name)?;
+        let fingerprint = fingerprint(&pub_path(&host_key))?;
+        let host_pub = fs::read_to_string(pub_path(&host_key))?;
+        let host_pub: Vec<&str> = host_pub.split_whitespace().take(2).collect();
+        let mut sshd = Sshd {
+            known_hosts: dir.join("known_hosts"),
+            dir,
+            port: 0,
+            fingerprint,
+            proc: None,
+        };
+        // A port free a moment ago can be taken meanwhile: try a few.
+        for _ in 0..5 {
+            sshd.port = quiet_port()?;
+            let ciphers = cipher.map(|c| format!("Ciphers {c}\n")).unwrap_or_default();
+            let config = format!(
+                "Port {port}\nListenAddress 127.0.0.1\nAddressFamily inet\nHostKey {host_key}\n\
+                 PidFile {pid}\nAuthorizedKeysFile {keys}\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin prohibit-password\nPubkeyAuthentication yes\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 AllowTcpForwarding yes\nGatewayPorts clientspecified\nX11Forwarding no\n\
+                 AllowAgentForwarding no\nPrintMotd no\nUseDNS no\nMaxStartups 100\n\
+                 LogLevel INFO\n{ciphers}",
+                port = sshd.port,
+                host_key = host_key.display(),
+                pid = sshd.dir.join("sshd.pid").display(),
+                keys = lab.authorized_keys.display(),
+            );
+            fs::write(sshd.dir.join("sshd_config"), config)?;
+            fs::write(
+                &sshd.known_hosts,
+                format!("[127.0.0.1]:{} {}\n", sshd.port, host_pub.join(" ")),
+            )?;
+            match sshd.spawn() {
+                Ok(_) => return Ok(sshd),
+                Err(e) if format!("{e:#}").contains("Address already in use") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("sshd found no free port in 5 tries")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("sshd.log")
+    }
+
+    fn pid(&self) -> i32 {
+        self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
+    /// Starts the listener on `self.port` and returns the moment a connect to it first succeeded
+    /// (polled every millisecond). Fails with its log if it exits first.
+    fn spawn(&mut self) -> Result<Instant> {
+        ensure!(self.proc.is_none(), "sshd already running");
+        let mut cmd = Command::new(SSHD);
+        cmd.args(["-D", "-e", "-f"])
+            .arg(self.dir.join("sshd_config"))
+            .current_dir(&self.dir);
+        let mut proc = Proc::spawn("sshd", &mut cmd, &self.log())?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + RESTART_TIMEOUT;
+        let accepted = loop {
+            if let Ok(probe) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                let at = Instant::now();
+                drop(probe);
+                break at;
+            }
+            proc.alive()?;
+            ensure!(
+                Instant::now() < deadline,
+                "sshd did not accept on {addr} within {RESTART_TIMEOUT:?}; its log ends:\n{}",
+                tail(&self.log(), 20)
+            );
+            thread::sleep(SSHD_POLL);
+        };
+        self.proc = Some(proc);
+        Ok(accepted)
+    }
+
+    /// Kills the listener and every session process under it, and waits until they are gone.
+    fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
+        }
+    }
+
+    /// Starts it again on the same port after [`Sshd::stop`]: the moment it accepts again.
+    fn restart(&mut self) -> Result<Instant> {
+        let deadline = Instant::now() + RESTART_TIMEOUT;
+        loop {
+            match self.spawn() {
+                Ok(at) => return Ok(at),
+                Err(e) if format!("{e:#}").contains("Address already in use") && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tunnel clients: jumpgate and `ssh -N -R`
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Peer {
+    Raw,
+    Jumpgate,
+    Ssh,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Raw => "raw loopback",
+            Peer::Jumpgate => "jumpgate",
+            Peer::Ssh => "ssh -R",
+        }
+    }
+}
+
+/// A running tunnel client and the two ports it had sshd listen on.
+struct Tunnel {
+    peer: Peer,
+    cipher: &'static str,
+    /// On sshd's side: forwarded to the sink, and to the echo server.
+    sink_port: u16,
+    echo_port: u16,
+    proc: Proc,
+    /// jumpgate's admin address (for /readyz).
+    admin: Option<SocketAddr>,
+    /// Per repetition: Gbit/s, client CPU s per GiB, sshd CPU s per GiB.
+    gbit: Vec<f64>,
+    client_cpu: Vec<f64>,
+    server_cpu: Vec<f64>,
+    /// Per connection of the rate test: seconds.
+    conns: Vec<f64>,
+    failed: bool,
+}
+
+impl Tunnel {
+    fn new(peer: Peer, cipher: &'static str, ports: [u16; 2], proc: Proc, admin: Option<SocketAddr>) -> Tunnel {
+        Tunnel {
+            peer,
+            cipher,
+            sink_port: ports[0],
+            echo_port: ports[1],
+            proc,
+            admin,
+            gbit: Vec::new(),
+            client_cpu: Vec::new(),
+            server_cpu: Vec::new(),
+            conns: Vec::new(),
+            failed: false,
+        }
+    }
+
+    fn sink_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.sink_port))
+    }
+
+    fn echo_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.echo_port))
+    }
+}
+
+/// `jumpgate run` with one `[[tunnel]]` "t1" to `sshd`, two remotes (sink, echo); returns once
+/// `/readyz/tunnel/t1` is 200 and sshd listens on both remote ports.
+fn start_jumpgate(
+    lab: &Lab,
+    sshd: &Sshd,
+    cipher: &'static str,
+    targets: [SocketAddr; 2],
+    level: &str,
+) -> Result<Tunnel> {
+    let dir = lab.subdir(&format!("jumpgate-{cipher}-{}", sshd.port))?;
+    let ports = [quiet_port()?, quiet_port()?];
+    let mut config = format!(
+        "[log]\nlevel = \"{level}\"\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[tunnel]]\nname = \"t1\"\nserver = \"127.0.0.1:{port}\"\nuser = \"{user}\"\n\
+         identity = \"{key}\"\nserver_fingerprint = \"{fp}\"\nkeepalive = \"10s\"\nkeepalive_max = 1\n",
+        port = sshd.port,
+        user = lab.user,
+        key = lab.key.display(),
+        fp = sshd.fingerprint,
+    );
+    for (port, target) in ports.iter().zip(targets) {
+        let _ = write!(
+            config,
+            "\n[[tunnel.remote]]\nlisten = \"localhost:{port}\"\nconnect = \"{target}\"\n"
+        );
+    }
+    let config_path = dir.join("j.toml");
+    let ready = dir.join("ready.json");
+    fs::write(&config_path, config)?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jumpgate"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .current_dir(&dir);
+    let mut proc = Proc::spawn("jumpgate", &mut cmd, &dir.join("jumpgate.log"))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let admin = loop {
+        proc.alive()?;
+        let bound = fs::read_to_string(&ready).ok().and_then(|text| {
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            json["admin"].as_str()?.parse::<SocketAddr>().ok()
+        });
+        if let Some(addr) = bound {
+            break addr;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "jumpgate wrote no ready file with \"admin\" within {START_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut tunnel = Tunnel::new(Peer::Jumpgate, cipher, ports, proc, Some(admin));
+    wait_tunnel_up(&mut tunnel, deadline)?;
+    Ok(tunnel)
+}
+
+/// Waits until the tunnel says it is up (jumpgate: `/readyz/tunnel/t1`) and sshd listens on both
+/// of its remote ports.
+fn wait_tunnel_up(tunnel: &mut Tunnel, deadline: Instant) -> Result<()> {
+    loop {
+        tunnel.proc.alive()?;
+        let ready = match tunnel.admin {
+            Some(admin) => http_get(admin, "/readyz/tunnel/t1").is_ok_and(|(code, _)| code == 200),
+            None => true,
+        };
+        if ready && is_listening(tunnel.sink_port) && is_listening(tunnel.echo_port) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let why = tunnel
+                .admin
+                .and_then(|a| http_get(a, "/readyz/tunnel/t1").ok())
+                .map(|(code, body)| format!("; /readyz/tunnel/t1: {code} {}", body.trim()))
+                .unwrap_or_default();
+            bail!(
+                "{} tunnel not up (sshd listening on {} and {}) in time{why}; its log ends:\n{}",
+                tunnel.peer.name(),
+                tunnel.sink_port,
+                tunnel.echo_port,
+                tail(&tunnel.proc.log, 20)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status code, body).
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP answer: {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}
+
+/// `ssh -N -R localhost:P1:SINK -R localhost:P2:ECHO` to `sshd`, with autossh's options from
+/// the issue (ServerAlive 10 s × 1, ExitOnForwardFailure); returns once sshd listens on both.
+fn start_ssh(lab: &Lab, sshd: &Sshd, cipher: (&'static str, &str), targets: [SocketAddr; 2]) -> Result<Tunnel> {
+    let dir = lab.subdir(&format!("ssh-{}-{}", cipher.0, sshd.port))?;
+    // A port free a moment ago can be taken meanwhile: try a few times.
+    for attempt in 1..=3 {
+        let ports = [quiet_port()?, quiet_port()?];
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-F", "/dev/null", "-N", "-c", cipher.1]);
+        for opt in [
+            "StrictHostKeyChecking=yes".to_string(),
+            format!("UserKnownHostsFile={}", sshd.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "IdentitiesOnly=yes".into(),
+            "BatchMode=yes".into(),
+            "IdentityAgent=none".into(),
+            "ControlPath=none".into(),
+            "ConnectTimeout=10".into(),
+            "ServerAliveInterval=10".into(),
+            "ServerAliveCountMax=1".into(),
+            "ExitOnForwardFailure=yes".into(),
+        ] {
+            cmd.arg("-o").arg(opt);
+        }
+        for (port, target) in ports.iter().zip(targets) {
+            cmd.arg("-R").arg(format!("localhost:{port}:{target}"));
+        }
+        cmd.arg("-i")
+            .arg(&lab.key)
+            .args(["-p", &sshd.port.to_string()])
+            .arg(format!("{}@127.0.0.1", lab.user));
+        let log = dir.join(format!("ssh-{attempt}.log"));
+        let proc = Proc::spawn("ssh -N -R", &mut cmd, &log)?;
+        let mut tunnel = Tunnel::new(Peer::Ssh, cipher.0, ports, proc, None);
+        match wait_tunnel_up(&mut tunnel, Instant::now() + START_TIMEOUT) {
+            Ok(()) => return Ok(tunnel),
+            Err(_) if tail(&log, 20).contains("forwarding failed") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    bail!("ssh -R found no free remote ports in 3 tries")
+}
+
+/// One sshd (one cipher) and the tunnel clients dialled to it.
+struct Site {
+    cipher: &'static str,
+    tunnels: Vec<Tunnel>,
+    // Declared last: dropped after the clients, so they do not log a lost server.
+    sshd: Sshd,
+}
+
+impl Site {
+    fn start(
+        lab: &Lab,
+        cipher: (&'static str, &'static str),
+        sink: SocketAddr,
+        echo: SocketAddr,
+        report: &mut Report,
+    ) -> Result<Site> {
+        let sshd = Sshd::start(lab, &format!("sshd-{}", cipher.0), Some(cipher.1))?;
+        let mut tunnels = Vec::new();
+        match start_jumpgate(lab, &sshd, cipher.0, [sink, echo], LOG_QUIET) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => report.fail(Peer::Jumpgate, &format!("tunnel with {}", cipher.0), &e),
+        }
+        match start_ssh(lab, &sshd, cipher, [sink, echo]) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => report.fail(Peer::Ssh, &format!("tunnel with {}", cipher.0), &e),
+        }
+        println!(
+            "{:<18} sshd on 127.0.0.1:{}; tunnels up: {}",
+            cipher.0,
+            sshd.port,
+            tunnels
+                .iter()
+                .map(|t| format!("{} (remote ports {}, {})", t.peer.name(), t.sink_port, t.echo_port))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Site {
+            cipher: cipher.0,
+            tunnels,
+            sshd,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bench's two upstreams: a sink that counts (or checks) bytes, and an echo server
+
+fn start_sink() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    thread::Builder::new().name("sink".into()).spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    let spawned = thread::Builder::new().name("sink-conn".into()).spawn(|| {
+                        if let Err(e) = sink_conn(stream) {
+                            eprintln!("sink: {e}");
+                        }
+                    });
+                    if let Err(e) = spawned {
+                        eprintln!("sink: {e}");
+                    }
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    })?;
+    Ok(addr)
+}
+
+/// First byte `T`: count bytes, discarding them in the kernel; `V`: check them against the
+/// pattern. After the client's EOF, answer the count (8 bytes LE) and 1 if the bytes were intact.
+fn sink_conn(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut mode = [0u8; 1];
+    stream.read_exact(&mut mode)?;
+    let verify = match mode[0] {
+        b'T' => false,
+        b'V' => true,
+        other => return Err(io::Error::other(format!("unknown sink mode {other}"))),
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut expect = if verify { vec![0u8; CHUNK] } else { Vec::new() };
+    let (mut total, mut intact) = (0u64, true);
+    loop {
+        let n = if verify {
+            stream.read(&mut buf)?
+        } else {
+            recv_discard(&stream, &mut buf)?
+        };
+        if n == 0 {
+            break;
+        }
+        if verify && intact {
+            fill_pattern(&mut expect[..n], total);
+            intact = buf[..n] == expect[..n];
+        }
+        total += n as u64;
+    }
+    let mut reply = [0u8; 9];
+    reply[..8].copy_from_slice(&total.to_le_bytes());
+    reply[8] = u8::from(intact);
+    stream.write_all(&reply)
+}
+
+/// recv(2) with MSG_TRUNC: on TCP the kernel drops the bytes instead of copying them out, so the
+/// sink costs almost nothing per byte and the tunnel gets the CPU.
+fn recv_discard(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
+        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The byte stream of a checked transfer: splitmix64 of the word index, little-endian.
+fn fill_pattern(buf: &mut [u8], offset: u64) {
+    let (mut pos, mut i) = (offset, 0);
+    while i < buf.len() {
+        let mut z = (pos / 8).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let word = (z ^ (z >> 31)).to_le_bytes();
+        let start = (pos % 8) as usize;
+        let n = (8 - start).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&word[start..start + n]);
+        i += n;
+        pos += n as u64;
+    }
+}
+
+/// Sends `bytes` to the sink through `addr`, half-closes, and waits for the sink's count: the
+/// time covers the bytes arriving, not just leaving, and the half-close crossing the tunnel.
+fn push(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let start = Instant::now();
+    stream.write_all(if verify { b"V" } else { b"T" })?;
+    let mut buf = vec![0x5au8; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = CHUNK.min((bytes - sent) as usize);
+        if verify {
+            fill_pattern(&mut buf[..n], sent);
+        }
+        stream
+            .write_all(&buf[..n])
+            .with_context(|| format!("writing at byte {sent}"))?;
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 9];
+    stream
+        .read_exact(&mut reply)
+        .context("no count from the sink after half-close")?;
+    let elapsed = start.elapsed();
+    let got = u64::from_le_bytes(reply[..8].try_into()?);
+    ensure!(got == bytes, "the sink received {got} of {bytes} bytes");
+    ensure!(reply[8] == 1, "bytes arrived altered (pattern mismatch)");
+    let n = stream
+        .read(&mut [0u8; 1])
+        .context("waiting for the close after the count")?;
+    ensure!(n == 0, "data after the sink's count");
+    Ok(elapsed)
+}
+
+/// A loopback echo server, a thread per connection: echoes until EOF, then closes. Counts the
+/// connections it accepted, so the rate test can see each one reach it.
+struct Echo {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Echo {
+    fn start() -> Result<Echo> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        thread::Builder::new().name("echo".into()).spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let spawned = thread::Builder::new()
+                    .name("echo-conn".into())
+                    .spawn(move || echo_conn(stream));
+                if let Err(e) = spawned {
+                    eprintln!("echo: {e}");
+                }
+            }
+        })?;
+        Ok(Echo { addr, accepted })
+    }
+}
+
+fn echo_conn(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// One connection through a tunnel to the echo server: connect, PING and its echo, half-close,
+/// and the echo server's close back. Returns how long it all took.
+fn round_trip(addr: SocketAddr) -> Result<Duration> {
+    let start = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, CONN_TIMEOUT).context("connect")?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(CONN_TIMEOUT))?;
+    stream.set_write_timeout(Some(CONN_TIMEOUT))?;
+    stream.write_all(PING)?;
+    let mut back = [0u8; PING.len()];
+    stream.read_exact(&mut back).context("reading the echo")?;
+    ensure!(back == PING, "the echo came back as {back:?}");
+    stream.shutdown(Shutdown::Write)?;
+    let n = stream.read(&mut [0u8; 1]).context("waiting for the close")?;
+    ensure!(n == 0, "data after the echo");
+    Ok(start.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+fn gbit(bytes: u64, time: Duration) -> f64 {
+    bytes as f64 * 8.0 / time.as_secs_f64() / 1e9
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut values = values.to_vec();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The `q` quantile (0..1) of `values`, nearest rank.
+fn percentile(values: &[f64], q: f64) -> f64 {
+    let mut values = values.to_vec();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n => values[((n as f64 * q) as usize).min(n - 1)],
+    }
+}
+
+/// Byte-exact transfers with half-close and one echo round trip through every tunnel, first.
+fn verify(plan: &Plan, sites: &mut [Site], echo: &Echo, report: &mut Report) {
+    println!(
+        "\n== byte-exact: {} MiB to the sink, half-close, one echo round trip ==",
+        plan.verify_bytes >> 20
+    );
+    let mut ok = Vec::new();
+    for site in sites.iter_mut() {
+        for t in &mut site.tunnels {
+            let before = echo.accepted.load(Ordering::SeqCst);
+            let checked = push(t.sink_addr(), plan.verify_bytes, true)
+                .context("byte-exact transfer with half-close")
+                .and_then(|_| round_trip(t.echo_addr()).context("echo round trip"))
+                .and_then(|_| {
+                    let reached = echo.accepted.load(Ordering::SeqCst) - before;
+                    ensure!(reached >= 1, "the echo round trip never reached the echo server");
+                    t.proc.alive()
+                });
+            match checked {
+                Ok(()) => {
+                    println!("{:<9} {:<18} ok", t.peer.name(), t.cipher);
+                    ok.push(format!("{} ({})", t.peer.name(), t.cipher));
+                }
+                Err(e) => {
+                    t.failed = true;
+                    report.fail(t.peer, &format!("byte-exact transfer with {}", t.cipher), &e);
+                }
+            }
+        }
+    }
+    report.note(format!(
+        "{} MiB arrived byte-exact at the sink, the sink's answer after the pusher's half-close came \
+         back, and an echo round trip worked, through: {}",
+        plan.verify_bytes >> 20,
+        ok.join(", ")
+    ));
+}
+
+fn throughput(plan: &Plan, sites: &mut [Site], sink: SocketAddr, report: &mut Report) {
+    println!(
+        "\n== throughput: {} MiB per transfer into sshd's remote port, to the sink at {sink} ==",
+        plan.bytes >> 20
+    );
+    let gib = plan.bytes as f64 / f64::from(1u32 << 30);
+    let mut raw = Vec::new();
+    // Everything takes turns in each repetition, so a disturbance hits the peers alike.
+    for rep in 1..=plan.reps {
+        match push(sink, plan.bytes, false) {
+            Ok(t) => {
+                println!("{:<9} rep {rep}: {:6.2} Gbit/s", "raw", gbit(plan.bytes, t));
+                raw.push(gbit(plan.bytes, t));
+            }
+            Err(e) => report.note(format!("raw loopback: {e:#}")),
+        }
+        for site in sites.iter_mut() {
+            let sshd_pid = site.sshd.pid();
+            for t in site.tunnels.iter_mut().filter(|t| !t.failed) {
+                let (server0, client0) = (cpu_seconds(sshd_pid), cpu_seconds(t.proc.pid()));
+                let result = push(t.sink_addr(), plan.bytes, false).and_then(|d| t.proc.alive().map(|()| d));
+                match result {
+                    Ok(d) => {
+                        let server = (cpu_seconds(sshd_pid) - server0) / gib;
+                        let client = (cpu_seconds(t.proc.pid()) - client0) / gib;
+                        println!(
+                            "{:<9} rep {rep}: {:6.2} Gbit/s  {:<18} CPU s/GiB: sshd {server:.2}, client {client:.2}",
+                            t.peer.name(),
+                            gbit(plan.bytes, d),
+                            t.cipher
+                        );
+                        t.gbit.push(gbit(plan.bytes, d));
+                        t.server_cpu.push(server);
+                        t.client_cpu.push(client);
+                    }
+                    Err(e) => {
+                        t.failed = true;
+                        report.fail(t.peer, &format!("throughput with {}", t.cipher), &e);
+                    }
+                }
+            }
+        }
+    }
+    if !raw.is_empty() {
+        report.add(M_RAW, Peer::Raw, median(&raw), "Gbit/s", true);
+    }
+    let measured = |sites: &[Site]| -> Vec<(&'static str, Peer, [f64; 3])> {
+        let mut out = Vec::new();
+        for site in sites {
+            for t in site.tunnels.iter().filter(|t| !t.failed && !t.gbit.is_empty()) {
+                let values = [median(&t.gbit), median(&t.client_cpu), median(&t.server_cpu)];
+                out.push((site.cipher, t.peer, values));
+            }
+        }
+        out
+    };
+    let rows = measured(sites);
+    for (cipher, peer, [g, _, _]) in &rows {
+        report.add(&m_throughput(cipher), *peer, *g, "Gbit/s", true);
+    }
+    for (cipher, peer, [_, c, _]) in &rows {
+        report.add(&m_client_cpu(cipher), *peer, *c, "s/GiB", false);
+    }
+    for (cipher, peer, [_, _, s]) in &rows {
+        report.add(&m_server_cpu(cipher), *peer, *s, "s/GiB", false);
+    }
+    for site in sites.iter() {
+        for t in site.tunnels.iter().filter(|t| !t.failed && !t.gbit.is_empty()) {
+            if let Some(kb) = peak_rss_kb(t.proc.pid()) {
+                report.add(&m_client_rss(site.cipher), t.peer, kb as f64 / 1024.0, "MiB", false);
+            }
+        }
+        for t in site.tunnels.iter().filter(|t| !t.failed && !t.gbit.is_empty()) {
+            let session = sshd_session(site.sshd.pid(), site.sshd.port, t.proc.pid());
+            if let Some(kb) = session.and_then(|pid| {
+                std::iter::once(pid)
+                    .chain(descendants(pid))
+                    .filter_map(peak_rss_kb)
+                    .max()
+            }) {
+                report.add(&m_session_rss(site.cipher), t.peer, kb as f64 / 1024.0, "MiB", false);
+            }
+        }
+        let of = |peer| site.tunnels.iter().find(|t| t.peer == peer && !t.failed);
+        if let (Some(jg), Some(ssh)) = (of(Peer::Jumpgate), of(Peer::Ssh)) {
+            let ratios: Vec<String> = jg
+                .gbit
+                .iter()
+                .zip(&ssh.gbit)
+                .map(|(a, b)| format!("{:.2}", a / b))
+                .collect();
+            report.note(format!(
+                "{}: jumpgate ÷ `ssh -R` throughput per repetition (each pair back to back): {}",
+                site.cipher,
+                ratios.join(", ")
+            ));
+        }
+    }
+}
+
+fn connection_rate(plan: &Plan, sites: &mut [Site], echo: &Echo, report: &mut Report) {
+    println!(
+        "\n== connection rate: {} sequential connections per tunnel (connect, {}-byte round trip, close) ==",
+        plan.conns,
+        PING.len()
+    );
+    for site in sites.iter_mut() {
+        // One unmeasured connection each first.
+        for t in site.tunnels.iter_mut().filter(|t| !t.failed) {
+            if let Err(e) = round_trip(t.echo_addr()) {
+                t.failed = true;
+                report.fail(t.peer, &format!("connection through the {} tunnel", t.cipher), &e);
+            }
+        }
+        let started = Instant::now();
+        let before = echo.accepted.load(Ordering::SeqCst);
+        // Turns, one connection each, so a disturbance hits the peers alike.
+        for i in 0..plan.conns {
+            if started.elapsed() > plan.conns_bound {
+                report.note(format!(
+                    "{}: connection rate stopped after {i} rounds ({:?} bound)",
+                    site.cipher, plan.conns_bound
+                ));
+                break;
+            }
+            for t in site.tunnels.iter_mut().filter(|t| !t.failed) {
+                match round_trip(t.echo_addr()) {
+                    Ok(d) => t.conns.push(d.as_secs_f64()),
+                    Err(e) => {
+                        t.failed = true;
+                        let what = format!("connection {} through the {} tunnel", i + 1, t.cipher);
+                        report.fail(t.peer, &what, &e);
+                    }
+                }
+            }
+        }
+        let done: usize = site.tunnels.iter().filter(|t| !t.failed).map(|t| t.conns.len()).sum();
+        let reached = echo.accepted.load(Ordering::SeqCst) - before;
+        if reached < done {
+            report.fail(
+                Peer::Jumpgate,
+                &format!("connection rate with {}", site.cipher),
+                &anyhow!("{done} round trips completed but only {reached} connections reached the echo server"),
+            );
+        }
+        for t in site.tunnels.iter_mut().filter(|t| !t.failed && !t.conns.is_empty()) {
+            if let Err(e) = t.proc.alive() {
+                t.failed = true;
+                report.fail(t.peer, &format!("tunnel with {} after the rate test", t.cipher), &e);
+                continue;
+            }
+            let total: f64 = t.conns.iter().sum();
+            let per_sec = t.conns.len() as f64 / total;
+            let ms: Vec<f64> = t.conns.iter().map(|s| s * 1e3).collect();
+            println!(
+                "{:<9} {:<18} {} connections in {total:.2} s: {per_sec:.0}/s, p50 {:.2} ms",
+                t.peer.name(),
+                t.cipher,
+                t.conns.len(),
+                median(&ms)
+            );
+            let stalled = ms.iter().filter(|&&m| m >= STALL_MS).count() as f64 * 100.0 / ms.len() as f64;
+            report.add(&m_rate(t.cipher), t.peer, per_sec, "/s", true);
+            report.add(&m_rate_ms(t.cipher), t.peer, median(&ms), "ms", false);
+            report.add(&m_rate_p10(t.cipher), t.peer, percentile(&ms, 0.1), "ms", false);
+            report.add(&m_rate_stalled(t.cipher), t.peer, stalled, "%", false);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery after an sshd restart
+
+/// One restart, and where its time went (seconds; None where the log did not say).
+struct Recovery {
+    /// sshd accepting again → first byte echoed through the tunnel.
+    total: f64,
+    /// The backoff pause jumpgate was in (or had last finished) when sshd accepted again.
+    pause: Option<f64>,
+    /// Of `total`: what was left of that pause.
+    pause_left: Option<f64>,
+    /// Of `total`: from the end of the pause (or sshd accepting, if later) to `tunnel_up`.
+    login: Option<f64>,
+    /// Of `total`: from `tunnel_up` to the first byte back.
+    first_byte: Option<f64>,
+    /// `tunnel_down` lines while sshd was down (1 = only the one the kill caused).
+    failures: usize,
+}
+
+impl Recovery {
+    /// The nominal backoff step (0.5 s × 2ⁿ) the jittered pause came from.
+    fn step(&self) -> Option<f64> {
+        let pause = self.pause?;
+        let mut step = BACKOFF_START_S;
+        while pause > step * 1.2 + 1e-3 && step < 30.0 {
+            step *= 2.0;
+        }
+        Some(step.min(30.0))
+    }
+
+    /// Issue 8: back within 2 s plus the backoff pause in effect.
+    fn bound(&self) -> f64 {
+        RECOVERY_SLACK_S + self.pause.unwrap_or(0.0)
+    }
+}
+
+/// Seconds since midnight UTC, now (what jumpgate's log timestamps say, to the microsecond).
+fn wall_now() -> f64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs_f64() % 86_400.0
+}
+
+/// `a - b` for two times of day, across midnight.
+fn wall_diff(a: f64, b: f64) -> f64 {
+    (a - b + 43_200.0).rem_euclid(86_400.0) - 43_200.0
+}
+
+/// "2026-11-27T10:23:45.123456Z" → seconds since midnight.
+fn parse_timestamp(ts: &str) -> Option<f64> {
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.splitn(3, ':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// A `Duration`'s Debug form ("512.3ms", "1.02s", "900µs") → seconds.
+fn parse_debug_duration(text: &str) -> Option<f64> {
+    for (unit, scale) in [("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)] {
+        if let Some(n) = text.strip_suffix(unit) {
+            return n.parse::<f64>().ok().map(|v| v * scale);
+        }
+    }
+    None
+}
+
+/// What jumpgate's JSON log says happened: (time of day, message or event, pause in seconds).
+fn log_events(log: &Path, from: u64) -> Vec<(f64, String, Option<f64>)> {
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(log) {
+        let _ = f.seek(SeekFrom::Start(from));
+        let _ = f.read_to_string(&mut text);
+    }
+    text.lines()
+        .filter_map(|line| {
+            let json: serde_json::Value = serde_json::from_str(line).ok()?;
+            let at = parse_timestamp(json["timestamp"].as_str()?)?;
+            let fields = &json["fields"];
+            let what = fields["event"].as_str().or(fields["message"].as_str())?.to_string();
+            let pause = fields["pause"].as_str().and_then(parse_debug_duration);
+            Some((at, what, pause))
+        })
+        .collect()
+}
+
+fn recovery(plan: &Plan, lab: &Lab, sink: SocketAddr, echo: SocketAddr, report: &mut Report) {
+    println!(
+        "\n== recovery after an sshd restart ({} times; sshd with its default ciphers) ==",
+        plan.restarts
+    );
+    let measured = (|| -> Result<()> {
+        let mut sshd = Sshd::start(lab, "sshd-recovery", None)?;
+        let mut tunnel = start_jumpgate(lab, &sshd, "default", [sink, echo], LOG_RECOVERY)?;
+        for i in 1..=plan.restarts {
+            let echo_addr = tunnel.echo_addr();
+            round_trip(echo_addr).with_context(|| format!("the tunnel before restart {i}"))?;
+            let log_from = fs::metadata(&tunnel.proc.log).map_or(0, |m| m.len());
+            sshd.stop();
+            let accepting = sshd.restart()?;
+            let accepting_wall = wall_now() - accepting.elapsed().as_secs_f64();
+            let deadline = accepting + RECOVERY_BOUND;
+            let back = loop {
+                if first_byte(echo_addr) {
+                    break Instant::now();
+                }
+                tunnel.proc.alive()?;
+                ensure!(
+                    Instant::now() < deadline,
+                    "restart {i}: no byte through the tunnel {RECOVERY_BOUND:?} after sshd accepted \
+                     again; jumpgate's log ends:\n{}",
+                    tail(&tunnel.proc.log, 20)
+                );
+                thread::sleep(TUNNEL_POLL);
+            };
+            let back_wall = wall_now() - back.elapsed().as_secs_f64();
+            // The tunnel_up line is written before the first byte can pass; a moment for the write.
+            thread::sleep(Duration::from_millis(50));
+            let events = log_events(&tunnel.proc.log, log_from);
+            let failures = events.iter().filter(|(_, w, _)| w == "tunnel_down").count();
+            // The pause in effect: the last one that started before sshd accepted again.
+            let pause = events
+                .iter()
+                .filter_map(|(at, _, p)| Some((*at, (*p)?)))
+                .rfind(|(at, _)| wall_diff(*at, accepting_wall) <= 0.0);
+            let up = events
+                .iter()
+                .find(|(at, w, _)| w == "tunnel_up" && wall_diff(*at, accepting_wall) >= 0.0)
+                .map(|(at, _, _)| *at);
+            let pause_end = pause.map(|(at, p)| at + p);
+            let r = Recovery {
+                total: back.duration_since(accepting).as_secs_f64(),
+                pause: pause.map(|(_, p)| p),
+                pause_left: pause_end.map(|end| wall_diff(end, accepting_wall).max(0.0)),
+                login: up.map(|up| {
+                    let from = pause_end.map_or(accepting_wall, |end| {
+                        if wall_diff(end, accepting_wall) > 0.0 {
+                            end
+                        } else {
+                            accepting_wall
+                        }
+                    });
+                    wall_diff(up, from)
+                }),
+                first_byte: up.map(|up| wall_diff(back_wall, up)),
+                failures,
+            };
+            println!(
+                "restart {i}: back {:.3} s after sshd accepted again; pause in effect {} (step {}), \
+                 left of it {}, dial+login+forward {}, first byte {}; {} failed attempt(s)",
+                r.total,
+                secs(r.pause),
+                secs(r.step()),
+                secs(r.pause_left),
+                secs(r.login),
+                secs(r.first_byte),
+                r.failures
+            );
+            report.recoveries.push(r);
+        }
+        Ok(())
+    })();
+    if let Err(e) = measured {
+        report.fail(Peer::Jumpgate, "recovery after an sshd restart", &e);
+    }
+}
+
+/// Whether one byte goes through the tunnel's echo port and comes back (short timeouts: the
+/// caller polls).
+fn first_byte(addr: SocketAddr) -> bool {
+    let attempt = || -> io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        Ok(b == *b"x")
+    };
+    attempt().unwrap_or(false)
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".into(), |v| format!("{v:.3} s"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report: table, targets, Markdown
+
+struct Row {
+    metric: String,
+    peer: Peer,
+    value: f64,
+    unit: &'static str,
+    higher_is_better: bool,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    recoveries: Vec<Recovery>,
+    notes: Vec<String>,
+    problems: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, metric: &str, peer: Peer, value: f64, unit: &'static str, higher: bool) {
+        self.rows.push(Row {
+            metric: metric.to_string(),
+            peer,
+            value,
+            unit,
+            higher_is_better: higher,
+        });
+    }
+
+    fn note(&mut self, note: String) {
+        println!("note: {note}");
+        self.notes.push(note);
+    }
+
+    fn fail(&mut self, peer: Peer, what: &str, e: &anyhow::Error) {
+        let line = format!("{}: {what}: {e:#}", peer.name());
+        if peer == Peer::Jumpgate {
+            eprintln!("PROBLEM: {line}");
+            self.problems.push(line);
+        } else {
+            self.note(format!("{line} (left out of the table)"));
+        }
+    }
+
+    fn value(&self, metric: &str, peer: Peer) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r.metric == metric && r.peer == peer)
+            .map(|r| r.value)
+    }
+
+    fn metrics(&self) -> Vec<&str> {
+        let mut metrics: Vec<&str> = Vec::new();
+        for row in &self.rows {
+            if !metrics.contains(&row.metric.as_str()) {
+                metrics.push(&row.metric);
+            }
+        }
+        metrics
+    }
+
+    /// (target, Some((measured, met))).
+    fn targets(&self) -> Vec<(String, Option<(String, bool)>)> {
+        let ratio = |metric: &str| Some(self.value(metric, Peer::Jumpgate)? / self.value(metric, Peer::Ssh)?);
+        let mut targets = Vec::new();
+        for (cipher, _) in CIPHERS {
+            let r = ratio(&m_throughput(cipher)).map(|r| (format!("{r:.2}×"), r >= THROUGHPUT_TARGET));
+            targets.push((
+                format!("throughput with {cipher}: jumpgate ≥ {THROUGHPUT_TARGET:.1}× `ssh -R`"),
+                r,
+            ));
+        }
+        for (cipher, _) in CIPHERS {
+            let r = ratio(&m_rate(cipher)).map(|r| (format!("{r:.2}×"), r >= RATE_TARGET));
+            targets.push((
+                format!("connection rate with {cipher}: jumpgate ≥ {RATE_TARGET:.1}× `ssh -R`"),
+                r,
+            ));
+        }
+        for (i, r) in self.recoveries.iter().enumerate() {
+            targets.push((
+                format!(
+                    "recovery after sshd restart {}: < {RECOVERY_SLACK_S:.0} s + the backoff pause in effect",
+                    i + 1
+                ),
+                Some((format!("{:.2} s < {:.2} s", r.total, r.bound()), r.total < r.bound())),
+            ));
+        }
+        targets
+    }
+
+    fn render(&self, plan: &Plan, user: &str) -> String {
+        let mut md = String::new();
+        let kind = if plan.full {
+            "full run (`cargo bench --bench tunnel`)"
+        } else {
+            "SMOKE run (debug build, small sizes: the numbers mean nothing)"
+        };
+        let _ = writeln!(md, "# jumpgate tunnel bench: {kind}\n");
+        let _ = writeln!(md, "- date: {}", date());
+        let _ = writeln!(md, "- machine: {}", machine());
+        let _ = writeln!(
+            md,
+            "- sizes: {} MiB per transfer × {} reps (median) per cipher, {} MiB checked byte-exact \
+             first; {} sequential connections per tunnel and cipher; {} sshd restart(s)",
+            plan.bytes >> 20,
+            plan.reps,
+            plan.verify_bytes >> 20,
+            plan.conns,
+            plan.restarts,
+        );
+        let _ = writeln!(
+            md,
+            "- method: one OpenSSH sshd per cipher (its `Ciphers` names only that one), logging in \
+             `{user}` with one ed25519 key; on it a jumpgate tunnel (`run`, `[log] level = \"warn\"`, \
+             keepalive 10 s × 1) and `ssh -N -R` (ServerAliveInterval 10, ServerAliveCountMax 1, \
+             ExitOnForwardFailure), each asking for `localhost:P1` → the sink and `localhost:P2` → \
+             the echo server. Throughput: a std thread writes 1 MiB chunks into P1 on sshd's side, \
+             half-closes, and the time runs until the sink (a thread of the bench, dropping bytes \
+             with recv MSG_TRUNC) answers the count back through the tunnel; CPU from \
+             /proc/PID/stat of the tunnel client process and of sshd's process tree; peak RSS \
+             (VmHWM) of the client and of the sshd session process serving it, after the \
+             transfers. Connection rate: connect to P2, {}-byte round trip, half-close, wait for \
+             the echo server's close; the two tunnels take turns; a connection of ≥ {STALL_MS:.0} ms \
+             waited for a delayed ACK. Recovery: a separate sshd (default ciphers) and jumpgate \
+             tunnel; sshd and its session processes SIGKILLed, sshd started again on the same \
+             port; from the first successful connect to sshd's port (polled every {} ms) to the \
+             first byte echoed through P2 (polled every {} ms); the pause and `tunnel_up` come \
+             from jumpgate's JSON log (`{LOG_RECOVERY}`)",
+            PING.len(),
+            SSHD_POLL.as_millis(),
+            TUNNEL_POLL.as_millis(),
+        );
+        let _ = writeln!(
+            md,
+            "- \"× raw\": throughput ÷ raw loopback's; \"jumpgate ÷ ssh -R\": jumpgate's value ÷ \
+             `ssh -R`'s (above 1 is better for jumpgate where higher is better ↑, below 1 where \
+             lower is ↓)\n"
+        );
+        let _ = writeln!(md, "| metric | peer | value | × raw | jumpgate ÷ ssh -R |");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|");
+        let raw = self.value(M_RAW, Peer::Raw);
+        for metric in self.metrics() {
+            for row in self.rows.iter().filter(|r| r.metric == metric) {
+                let vs_raw = match raw {
+                    Some(raw) if row.unit == "Gbit/s" && row.peer != Peer::Raw => format!("{:.2}", row.value / raw),
+                    _ => "—".into(),
+                };
+                let versus = match (row.peer, self.value(metric, Peer::Jumpgate)) {
+                    (Peer::Ssh, Some(jg)) => format!("**{:.2}**", jg / row.value),
+                    _ => "—".into(),
+                };
+                let better = if row.higher_is_better { "↑" } else { "↓" };
+                let _ = writeln!(
+                    md,
+                    "| {metric} {better} | {} | {} {} | {vs_raw} | {versus} |",
+                    row.peer.name(),
+                    number(row.value),
+                    row.unit
+                );
+            }
+        }
+        if !self.recoveries.is_empty() {
+            let _ = writeln!(md, "\n## Recovery after an sshd restart (jumpgate)\n");
+            let _ = writeln!(
+                md,
+                "| restart | sshd accepting → first byte | backoff pause in effect (step) | of which: rest of \
+                 the pause | dial + login + forwards | first byte after `tunnel_up` | failed attempts | target |"
+            );
+            let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---|");
+            for (i, r) in self.recoveries.iter().enumerate() {
+                let verdict = if r.total < r.bound() { "met" } else { "**NOT met**" };
+                let _ = writeln!(
+                    md,
+                    "| {} | **{:.3} s** | {} ({}) | {} | {} | {} | {} | < {:.2} s: {verdict} |",
+                    i + 1,
+                    r.total,
+                    secs(r.pause),
+                    secs(r.step()),
+                    secs(r.pause_left),
+                    secs(r.login),
+                    secs(r.first_byte),
+                    r.failures,
+                    r.bound()
+                );
+            }
+        }
+        let _ = writeln!(md, "\n## Targets (issue 8)\n");
+        for (name, result) in self.targets() {
+            let verdict = match result {
+                Some((v, true)) => format!("**met** ({v})"),
+                Some((v, false)) => format!("**NOT met** ({v})"),
+                None => "not measured".into(),
+            };
+            let _ = writeln!(md, "- {name}: {verdict}");
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(md, "\n## Notes\n");
+            for note in &self.notes {
+                let _ = writeln!(md, "- {note}");
+            }
+        }
+        if !self.problems.is_empty() {
+            let _ = writeln!(md, "\n## PROBLEMS (jumpgate)\n");
+            for problem in &self.problems {
+                let _ = writeln!(md, "- {problem}");
+            }
+        }
+        md
+    }
+}
+
+fn number(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // `ssh -V` prints its version on stderr.
+    let openssh = Command::new("ssh")
+        .arg("-V")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_else(|| "ssh: not installed".into());
+    format!(
+        "{cores} cores, {cpu}, Linux {}; {openssh} (client and sshd)",
+        kernel.trim()
+    )
+}
+
+/// `target/` of this build: the bench runs as target/<profile>/deps/tunnel-<hash>.
+fn target_dir() -> PathBuf {
+    env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .filter(|dir| dir.join("CACHEDIR.TAG").exists() || dir.ends_with("target"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
