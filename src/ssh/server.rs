@@ -478,7 +478,8 @@ async fn connection(
         match crate::proxy_protocol::read_header(&mut socket, wait).await {
             Ok(h) => {
                 let real = h.source.unwrap_or(peer);
-                debug!(%real, vpc_endpoint = h.aws_vpce_id.as_deref().unwrap_or("-"), "PROXY header");
+                info!(target: "audit", event = "proxy_header", peer = %peer, client = %real,
+                    vpc_endpoint = h.aws_vpce_id.as_deref().unwrap_or("-"));
                 if !source_allowed(&shared, real) {
                     return;
                 }
