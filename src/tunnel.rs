@@ -334,7 +334,7 @@ impl Session<'_> {
                 cut: cut.clone(),
                 conns: conns.clone(),
             };
-            let mut handle = client::connect_stream(Arc::new(client_config(config)), tcp, handler)
+            let mut handle = client::connect_stream(Arc::new(client_config(config)), SshSocket::new(tcp), handler)
                 .await
                 .map_err(
                     |e| match events.host_key.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -446,6 +446,74 @@ impl Session<'_> {
             .take()
             .unwrap_or_else(|| Failure::new("disconnected", "the connection ended"));
         (Err(failure), Some(since.elapsed()))
+    }
+}
+
+/// The tunnel's SSH socket, as russh reads it.
+///
+/// - Buffered: russh reads each packet in two steps (its first block, then
+///   the rest), straight from the socket; a buffer turns that into one
+///   `recv` for many packets.
+/// - Quick ACKs after small reads: OpenSSH's sshd leaves Nagle on for its SSH
+///   connection, so after a small packet (a CHANNEL_CLOSE) it holds the next
+///   one until we ACK, and Linux delays that ACK up to 40 ms. Sequential
+///   connections through the tunnel stalled ~44 ms each (docs/bench-tunnel.md).
+struct SshSocket {
+    inner: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+/// Reads below this size re-arm TCP_QUICKACK (bulk data arrives in large reads).
+const QUICKACK_BELOW: usize = 1024;
+/// Read buffer of the tunnel's SSH socket.
+const SSH_READ_BUFFER: usize = 64 * 1024;
+
+impl SshSocket {
+    fn new(tcp: tokio::net::TcpStream) -> SshSocket {
+        SshSocket {
+            inner: tokio::io::BufReader::with_capacity(SSH_READ_BUFFER, tcp),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for SshSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let buffered = self.inner.buffer().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        // A read served from the socket (not from the buffer) that was small.
+        if read > 0 && buffered == 0 && read < QUICKACK_BELOW {
+            let _ = socket2::SockRef::from(self.inner.get_ref()).set_tcp_quickack(true);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for SshSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

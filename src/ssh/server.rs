@@ -417,7 +417,10 @@ impl SshServer {
                 warn!(%peer, max_startups = shared.config.max_startups, "refused: too many unauthenticated connections");
                 continue;
             };
-            shared.metrics.conn_accepted.increment(1);
+            // Behind PROXY protocol a connection is accepted once its header is.
+            if !shared.config.proxy_protocol {
+                shared.metrics.conn_accepted.increment(1);
+            }
             let span = info_span!("ssh", %peer);
             let session = connection(
                 shared.clone(),
@@ -483,6 +486,7 @@ async fn connection(
                 if !source_allowed(&shared, real) {
                     return;
                 }
+                shared.metrics.conn_accepted.increment(1);
                 real
             }
             Err(e) => {

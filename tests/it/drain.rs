@@ -65,7 +65,9 @@ fn sigterm_drains_an_open_ssh_local_forward_transfer_then_exits_0() {
 
     let client = fwd.connect(0);
     client.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    client.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    client
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     let mut writer = client.try_clone().expect("clone");
     let sending = std::thread::spawn(move || {
         let sent = send_pattern(&mut writer, 1, UP);
@@ -90,9 +92,18 @@ fn sigterm_drains_an_open_ssh_local_forward_transfer_then_exits_0() {
         let (status, body) = b.daemon.get("/readyz/ssh");
         (status == 503).then_some(body)
     })
-    .unwrap_or_else(|| panic!("/readyz/ssh not 503 within 0.5 s of SIGTERM: {:?}", b.daemon.get("/readyz/ssh")));
+    .unwrap_or_else(|| {
+        panic!(
+            "/readyz/ssh not 503 within 0.5 s of SIGTERM: {:?}",
+            b.daemon.get("/readyz/ssh")
+        )
+    });
     assert!(unready.contains("draining"), "/readyz/ssh should say why: {unready}");
-    assert_eq!(b.daemon.get("/healthz").0, 200, "/healthz while the process still serves");
+    assert_eq!(
+        b.daemon.get("/healthz").0,
+        200,
+        "/healthz while the process still serves"
+    );
 
     // Within drain_delay a new connection is accepted: the server's banner comes.
     let mut late = TcpStream::connect(b.addr).expect("connect during drain_delay");
@@ -127,13 +138,19 @@ fn sigterm_drains_an_open_ssh_local_forward_transfer_then_exits_0() {
 
     // The transfer completes byte for byte, both ways.
     let got_down = receiving.join().expect("receiver").expect("read the transfer");
-    assert_eq!(got_down, pattern_hash(DOWN_SEED, DOWN), "downstream (len, hash) differs");
+    assert_eq!(
+        got_down,
+        pattern_hash(DOWN_SEED, DOWN),
+        "downstream (len, hash) differs"
+    );
     let sent_up = sending.join().expect("sender").expect("send up");
     assert_eq!(sent_up, pattern_hash(1, UP));
     let received = wait_for(Duration::from_secs(5), || up.received().first().copied());
     assert_eq!(received, Some(sent_up), "upstream received (len, hash) differs");
-    let closed = wait_for(Duration::from_secs(5), || b.daemon.audit("channel_close").into_iter().next())
-        .expect("no channel_close audit line");
+    let closed = wait_for(Duration::from_secs(5), || {
+        b.daemon.audit("channel_close").into_iter().next()
+    })
+    .expect("no channel_close audit line");
     assert_eq!(closed["fields"]["bytes_up"], UP, "{closed}");
     assert_eq!(closed["fields"]["bytes_down"], DOWN, "{closed}");
     assert!(
@@ -149,8 +166,18 @@ fn sigterm_drains_an_open_ssh_local_forward_transfer_then_exits_0() {
         .unwrap_or_else(|| panic!("no exit within 5 s of the last session ending"));
     assert_eq!(status.code(), Some(0), "exit status after the drain: {status}");
     let total = signalled.elapsed();
-    assert!(total < SHUTDOWN_GRACE, "exited after {total:?}: the grace ran out instead");
+    assert!(
+        total < SHUTDOWN_GRACE,
+        "exited after {total:?}: the grace ran out instead"
+    );
+    // The last lines reach the stderr reader a moment after the exit.
+    let drained = wait_until(Duration::from_secs(2), || {
+        b.daemon
+            .stderr_lines()
+            .iter()
+            .any(|l| l.contains("all connections closed"))
+    });
     let log = b.daemon.stderr_lines().join("\n");
+    assert!(drained, "no `all connections closed` line:\n{log}");
     assert!(!log.contains("shutdown_grace ran out"), "{log}");
-    assert!(log.contains("all connections closed"), "{log}");
 }

@@ -11,8 +11,8 @@ use std::net::IpAddr;
 
 use crate::support::daemon::{ConfigDir, config, route, run_cli};
 use crate::support::dns::DnsServer;
-use crate::support::pg::{ITEMS, Postgres, psql_at};
 use crate::support::free_port;
+use crate::support::pg::{ITEMS, Postgres, psql_at};
 use crate::support::ssh::{Lab, SshConfig, allow_host};
 
 /// PostgreSQL's well-known port: the probe speaks its protocol only there.
@@ -90,7 +90,10 @@ fn probe_says_whether_postgresql_offers_tls() {
     let dns = DnsServer::start();
     dns.set_a("pgtls", &[tls.host()], 30);
     let lab = Lab::new();
-    let (tls_target, plain_target) = (format!("{}:{PG_PORT}", tls.host()), format!("{}:{PG_PORT}", plain.host()));
+    let (tls_target, plain_target) = (
+        format!("{}:{PG_PORT}", tls.host()),
+        format!("{}:{PG_PORT}", plain.host()),
+    );
     let tunnel_key = lab.key("tunnel_ed25519", "ed25519");
     let ssh = SshConfig {
         tail: route("pg_tls", &tls_target, "keep")
@@ -102,7 +105,9 @@ fn probe_says_whether_postgresql_offers_tls() {
                 tunnel_key.path.display(),
                 lab.key("server_ed25519", "ed25519").fingerprint(),
             ),
-        ..SshConfig::allowing(allow_host("pgtls.jumpgate.test", &[PG_PORT]) + &allow_host("*.jumpgate.test", &[PG_PORT]))
+        ..SshConfig::allowing(
+            allow_host("pgtls.jumpgate.test", &[PG_PORT]) + &allow_host("*.jumpgate.test", &[PG_PORT]),
+        )
     };
     let (code, out, err) = probe(&lab.config(&ssh, dns.addr()));
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
@@ -111,13 +116,20 @@ fn probe_says_whether_postgresql_offers_tls() {
     assert!(l.contains("PostgreSQL answers, TLS offered"), "{l}");
     let l = line(&out, "forward \"pg_plain\"", &plain_target);
     assert!(l.contains("PostgreSQL answers, TLS not offered"), "{l}");
-    let l = line(&out, "ssh allow pgtls.jumpgate.test", &format!("pgtls.jumpgate.test:{PG_PORT}"));
+    let l = line(
+        &out,
+        "ssh allow pgtls.jumpgate.test",
+        &format!("pgtls.jumpgate.test:{PG_PORT}"),
+    );
     assert!(
         l.contains(&tls_target) && l.contains("PostgreSQL answers, TLS offered"),
         "an [[ssh.allow]] host is resolved and probed: {l}"
     );
     let l = line(&out, "tunnel \"tn\"", &plain_target);
-    assert!(l.contains("PostgreSQL answers, TLS not offered"), "a tunnel's connect is probed: {l}");
+    assert!(
+        l.contains("PostgreSQL answers, TLS not offered"),
+        "a tunnel's connect is probed: {l}"
+    );
     assert!(
         out.lines()
             .any(|l| l.starts_with("probe    ssh allow *.jumpgate.test") && l.contains("not probed")),
@@ -146,7 +158,10 @@ fn probe_exits_1_for_a_closed_port_and_a_name_that_does_not_resolve() {
     assert!(l.contains("cannot connect"), "{l}");
 
     let (code, out, err) = probe(&config("", Some(dns.addr()), &route("nx", missing, "keep")));
-    assert_eq!(code, 1, "{missing} is unknown to the DNS server; stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        code, 1,
+        "{missing} is unknown to the DNS server; stdout:\n{out}\nstderr:\n{err}"
+    );
     let l = line(&out, "forward \"nx\"", missing);
     assert!(l.contains("does not resolve"), "{l}");
 
@@ -157,8 +172,14 @@ fn probe_exits_1_for_a_closed_port_and_a_name_that_does_not_resolve() {
     let (code, out, err) = probe(&config("", Some(dns.addr()), &routes));
     assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
     assert!(line(&out, "forward \"up\"", &open).contains("port open"), "{out}");
-    assert!(line(&out, "forward \"down\"", &closed).contains("cannot connect"), "{out}");
-    assert!(line(&out, "forward \"nx\"", missing).contains("does not resolve"), "{out}");
+    assert!(
+        line(&out, "forward \"down\"", &closed).contains("cannot connect"),
+        "{out}"
+    );
+    assert!(
+        line(&out, "forward \"nx\"", missing).contains("does not resolve"),
+        "{out}"
+    );
     assert!(out.contains("2 target(s) unreachable"), "{out}");
     drop(listener);
 }

@@ -141,6 +141,8 @@ fn metric_or_zero(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
 fn start_up_registers_each_host_key_fingerprint_with_basic_auth() {
     let api = Api::start();
     let connection = "conn_start";
+    // The service is busy once: the daemon waits Retry-After and tries again.
+    api.script(&fingerprints_path(connection), vec![Reply::TooMany { retry_after: 1 }]);
     api.fallback(&fingerprints_path(connection), Reply::Success(APPROVED.into()));
     let lab = Lab::new();
     let (ed, ec) = (lab.key("host_ed25519", "ed25519"), lab.key("host_ecdsa", "ecdsa"));
@@ -151,7 +153,15 @@ fn start_up_registers_each_host_key_fingerprint_with_basic_auth() {
     };
     let d = Daemon::start(&lab.config(&ssh, no_dns()));
 
-    let reqs = api.wait_requests(&fingerprints_path(connection), 2, Duration::from_secs(10));
+    let reqs = api.wait_requests(&fingerprints_path(connection), 3, Duration::from_secs(10));
+    for r in &reqs {
+        assert!(
+            [&ed, &ec]
+                .iter()
+                .any(|k| r.json.as_ref().and_then(|j| j["hash"].as_str()) == Some(expected_hash(k).as_str())),
+            "a registration of neither host key: {r:#?}"
+        );
+    }
     assert_registration(request_for(&reqs, &ed), connection, &ed);
     assert_registration(request_for(&reqs, &ec), connection, &ec);
     let logged = wait_for(Duration::from_secs(5), || {
@@ -181,9 +191,17 @@ fn start_up_registers_each_host_key_fingerprint_with_basic_auth() {
         ),
         2.0
     );
-    // Exactly one POST per host key: nothing registered twice.
+    assert_eq!(
+        metric_or_zero(
+            &d,
+            "jumpgate_service_api_requests_total",
+            &[("endpoint", "register_fingerprint"), ("result", "retried")]
+        ),
+        1.0
+    );
+    // One POST per host key, plus the one answered 429: nothing registered twice.
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(api.requests().len(), 2, "{:#?}", api.requests());
+    assert_eq!(api.requests().len(), 3, "{:#?}", api.requests());
     assert_no_secret(&d.stderr_lines().join("\n"), "the daemon's log");
 }
 
@@ -327,26 +345,39 @@ fn register_fingerprint_takes_env_credentials_and_the_api_url_flag() {
 }
 
 #[test]
-fn register_fingerprint_exits_1_with_the_services_message_on_401() {
-    let api = Api::start();
-    let connection = "conn_cli_401";
-    api.fallback(
-        &fingerprints_path(connection),
-        Reply::Unauthorized("Invalid API credentials (marker-cli-401)".into()),
-    );
-    let (_lab, config, keys) = cli_lab(&api, &["ed25519"]);
+fn register_fingerprint_exits_1_with_the_services_message_on_401_and_403() {
+    for (status, reply) in [
+        (
+            401,
+            Reply::Unauthorized("Invalid API credentials (marker-cli-401)".into()),
+        ),
+        (
+            403,
+            Reply::Raw {
+                status: 403,
+                body: r#"{"code":"Forbidden","message":"marker-cli-403"}"#.into(),
+            },
+        ),
+    ] {
+        let api = Api::start();
+        let connection = "conn_cli_denied";
+        api.fallback(&fingerprints_path(connection), reply);
+        let (_lab, config, keys) = cli_lab(&api, &["ed25519"]);
 
-    let (code, out, err) = register(&config, connection);
-    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
-    assert!(
-        err.contains("marker-cli-401") && err.contains("401"),
-        "stderr should carry the service's message and status:\n{err}"
-    );
-    let reqs = api.requests();
-    assert_eq!(reqs.len(), 1, "401 is not retried: {reqs:#?}");
-    assert_registration(&reqs[0], connection, &keys[0]);
-    assert_no_secret(&out, "stdout");
-    assert_no_secret(&err, "stderr");
+        let (code, out, err) = register(&config, connection);
+        assert_eq!(code, 1, "{status}: stdout:\n{out}\nstderr:\n{err}");
+        assert!(
+            err.contains(&format!("marker-cli-{status}"))
+                && err.contains(&format!("HTTP {status}"))
+                && err.contains("refused our credentials"),
+            "{status}: stderr should say the credentials were refused, with the service's message:\n{err}"
+        );
+        let reqs = api.requests();
+        assert_eq!(reqs.len(), 1, "{status} is not retried: {reqs:#?}");
+        assert_registration(&reqs[0], connection, &keys[0]);
+        assert_no_secret(&out, "stdout");
+        assert_no_secret(&err, "stderr");
+    }
 }
 
 #[test]
@@ -716,7 +747,7 @@ fn daemons_from_one_cmd_or_env_source_present_the_same_host_key() {
         ("env: daemon", &c, &lab_c),
     ] {
         let port = d.ssh.expect("ssh address").port();
-        assert_eq!(keyscan(lab.path(), port), [expected.clone()], "{name}: ssh-keyscan");
+        assert_eq!(keyscan(lab.path(), port), [expected.as_str()], "{name}: ssh-keyscan");
         // Never a silently generated key beside the configured one.
         let generated: Vec<_> = std::fs::read_dir(lab.state_dir())
             .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
@@ -754,28 +785,30 @@ fn a_failing_host_key_source_stops_start_up_naming_it_without_the_key() {
     )
     .expect("write garbage key");
     let unset = "JUMPGATE_IT_HOST_KEY_NEVER_SET";
-    let cases: Vec<(String, Vec<(&str, String)>, &str)> = vec![
-        ("cmd:false".into(), vec![], "failed"),
+    // (entry, the value of JUMPGATE_IT_HOST_KEY if set, what the message says)
+    let var = "JUMPGATE_IT_HOST_KEY";
+    let cases: Vec<(String, Option<String>, &str)> = vec![
+        ("cmd:false".into(), None, "failed"),
         (
             format!("cmd:cat {}", garbage.display()),
-            vec![],
+            None,
             "not an unencrypted OpenSSH private key",
         ),
-        (format!("cmd:cat {}; exit 3", real.path.display()), vec![], "failed"),
-        (format!("env:{unset}"), vec![], "not set"),
+        (format!("cmd:cat {}; exit 3", real.path.display()), None, "failed"),
+        (format!("env:{unset}"), None, "not set"),
         (
-            "env:JUMPGATE_IT_HOST_KEY".into(),
-            vec![("JUMPGATE_IT_HOST_KEY", std::fs::read_to_string(&garbage).expect("read"))],
+            format!("env:{var}"),
+            Some(std::fs::read_to_string(&garbage).expect("read")),
             "not an unencrypted OpenSSH private key",
         ),
     ];
-    for (entry, env, why) in &cases {
+    for (entry, value, why) in &cases {
         let lab = Lab::new();
         let ssh = SshConfig {
             extra: format!("host_keys = [\"{entry}\"]\n"),
             ..base_ssh()
         };
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let env: Vec<(&str, &str)> = value.iter().map(|v| (var, v.as_str())).collect();
         let failure = match Daemon::try_start_env(&lab.config(&ssh, no_dns()), &env) {
             Ok(_) => panic!("{entry}: the daemon started"),
             Err(f) => f,

@@ -315,6 +315,7 @@ fn serve(mut s: TcpStream, shared: &Shared) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
