@@ -47,6 +47,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Version exchange, key exchange, authentication and forwards together.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest packet the server may send us on a channel.
+const TUNNEL_MAX_PACKET: u32 = 65535;
 /// Connect to the database for a forwarded connection.
 const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The failure reasons counted in `jumpgate_tunnel_failures_total`.
@@ -530,7 +532,10 @@ fn client_config(config: &TunnelConfig) -> client::Config {
         keepalive_interval: Some(config.keepalive),
         keepalive_max: config.keepalive_max,
         window_size: crate::ssh::server::WINDOW_SIZE,
-        maximum_packet_size: crate::ssh::server::MAX_PACKET_SIZE,
+        // The server fills forwarded-tcpip channels with packets up to this
+        // size: bigger packets mean fewer decodes, wakeups and writes per byte.
+        // russh logs an error above 65535 (russh-0.65.1 src/client/mod.rs:1232).
+        maximum_packet_size: TUNNEL_MAX_PACKET,
         channel_buffer_size: crate::ssh::server::CHANNEL_BUFFER,
         nodelay: true,
         ..client::Config::default()
