@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{Host, OnChange, RemoteConfig, ServerKey, TunnelConfig};
+use crate::config::{Host, RemoteConfig, ServerKey, TunnelConfig};
 use crate::daemon::Activity;
 use crate::dns::{Resolver, Watch};
 use crate::metrics as m;
-use crate::relay::{self, Meter};
+use crate::relay::Meter;
 use crate::ssh::keys;
 use crate::upstream;
 
@@ -699,21 +699,8 @@ impl Forwarded {
             self.shared.metrics.bytes_up.clone(),
             self.shared.metrics.bytes_down.clone(),
         );
-        let left = match (self.remote.on_change, upstream_addr) {
-            (OnChange::Close, Some(a)) if self.watch.is_dynamic() => Some((self.watch.subscribe(), a.ip())),
-            _ => None,
-        };
-        let stop = async {
-            tokio::select! {
-                () = upstream::address_left(left) => "upstream address left the DNS answer",
-                () = self.cut.cancelled() => "shutdown",
-            }
-        };
-        let reason = match relay::channel(channel, &tcp, &meter, stop).await {
-            Ok(None) => "closed".to_string(),
-            Ok(Some(why)) => why.to_string(),
-            Err(e) => format!("{} error: {}", e.side.as_str(), e.source),
-        };
+        let reason =
+            upstream::relay_channel(channel, &tcp, &meter, &self.watch, self.remote.on_change, &self.cut).await;
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
         let (up, down) = meter.bytes();
         info!(target: "audit", event = "tunnel_conn_close",tunnel = %tunnel, origin = %self.origin,

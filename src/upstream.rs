@@ -105,3 +105,35 @@ pub async fn address_left(watch: Option<(watch::Receiver<Answer>, IpAddr)>) {
         }
     }
 }
+
+/// Relays an SSH channel to its database connection until either side ends
+/// it, the connection's address leaves the DNS answer (`on_change =
+/// "close"`), or `cut` fires; returns the reason for the close audit line.
+/// Shared by the ssh role's channels and the tunnel's forwarded connections.
+pub async fn relay_channel<S>(
+    channel: russh::Channel<S>,
+    tcp: &TcpStream,
+    meter: &crate::relay::Meter,
+    watch: &Watch,
+    on_change: crate::config::OnChange,
+    cut: &tokio_util::sync::CancellationToken,
+) -> String
+where
+    S: From<(russh::ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
+{
+    let left = match (on_change, tcp.peer_addr()) {
+        (crate::config::OnChange::Close, Ok(a)) if watch.is_dynamic() => Some((watch.subscribe(), a.ip())),
+        _ => None,
+    };
+    let stop = async {
+        tokio::select! {
+            () = address_left(left) => "upstream address left the DNS answer",
+            () = cut.cancelled() => "shutdown",
+        }
+    };
+    match crate::relay::channel(channel, tcp, meter, stop).await {
+        Ok(None) => "closed".to_string(),
+        Ok(Some(why)) => why.to_string(),
+        Err(e) => format!("{} error: {}", e.side.as_str(), e.source),
+    }
+}

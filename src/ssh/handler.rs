@@ -21,11 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::config::OnChange;
 use crate::dns::Watch;
 use crate::metrics as m;
 use crate::policy::{Connect, Decision, PermitOpen};
-use crate::relay::{self, Meter};
+use crate::relay::Meter;
 use crate::ssh::keys;
 use crate::ssh::server::{CHANNEL_CONNECT_TIMEOUT, FIRST_ANSWER_WAIT, Shared, canonical};
 use crate::upstream::{self, ConnectError};
@@ -414,21 +413,8 @@ impl ChannelTask {
             metrics::counter!(m::RELAY_BYTES, "role" => "ssh", "name" => self.user.clone(), "direction" => "up"),
             metrics::counter!(m::RELAY_BYTES, "role" => "ssh", "name" => self.user.clone(), "direction" => "down"),
         );
-        let left = match (self.shared.on_change, upstream_addr) {
-            (OnChange::Close, Some(a)) if self.watch.is_dynamic() => Some((self.watch.subscribe(), a.ip())),
-            _ => None,
-        };
-        let stop = async {
-            tokio::select! {
-                () = upstream::address_left(left) => "upstream address left the DNS answer",
-                () = self.cut.cancelled() => "shutdown",
-            }
-        };
-        let reason = match relay::channel(channel, &tcp, &meter, stop).await {
-            Ok(None) => "closed".to_string(),
-            Ok(Some(why)) => why.to_string(),
-            Err(e) => format!("{} error: {}", e.side.as_str(), e.source),
-        };
+        let reason =
+            upstream::relay_channel(channel, &tcp, &meter, &self.watch, self.shared.on_change, &self.cut).await;
         let (up, down) = meter.bytes();
         metrics.channels_active.decrement(1.0);
         self.channels.fetch_sub(1, Ordering::SeqCst);
