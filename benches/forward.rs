@@ -18,7 +18,7 @@ use std::{
     fmt::Write as _,
     fs,
     io::{self, BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -31,6 +31,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use common::{BenchPeer, gbit, host, loadavg, median, number, push, tail, target_dir, thousands, xml};
 use hickory_server::{
     Server,
     proto::rr::{
@@ -41,12 +42,12 @@ use hickory_server::{
     zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType},
 };
 
-/// Write and read size of the bulk transfers: large, so the bench client costs little per byte.
-const CHUNK: usize = 1 << 20;
+#[path = "common/mod.rs"]
+mod common;
+
 /// argv[1] that turns this binary into the idle-connection upstream (a child process, so neither
 /// it nor the bench holds more than ~10,000 of the 20,000 descriptors a process may have here).
 const IDLE_CHILD_ARG: &str = "--idle-upstream-child";
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const DNS_ZONE: &str = "jumpgate.test.";
 const DNS_NAME: &str = "db.jumpgate.test";
@@ -119,33 +120,12 @@ fn m_rss(n: usize) -> String {
     format!("RSS with {} idle connections (MiB)", thousands(n))
 }
 
-fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn main() {
-    let args: Vec<String> = env::args().collect();
-    if args.get(1).map(String::as_str) == Some(IDLE_CHILD_ARG) {
+    if env::args().nth(1).as_deref() == Some(IDLE_CHILD_ARG) {
         idle_child();
         return;
     }
-    let plan = if args.iter().any(|a| a == "--bench") {
-        &FULL
-    } else {
-        &SMOKE
-    };
-    if let Err(e) = run(plan) {
-        eprintln!("bench forward: FAILED: {e:#}");
-        std::process::exit(1);
-    }
+    common::bench_main("forward", &FULL, &SMOKE, run);
 }
 
 fn run(plan: &Plan) -> Result<()> {
@@ -198,6 +178,13 @@ enum Peer {
     Jumpgate,
     Socat,
     Haproxy,
+}
+
+impl BenchPeer for Peer {
+    const JUMPGATE: Peer = Peer::Jumpgate;
+    fn label(self) -> &'static str {
+        self.name()
+    }
 }
 
 const ALL_PEERS: [Peer; 4] = [Peer::Raw, Peer::Jumpgate, Peer::Socat, Peer::Haproxy];
@@ -291,7 +278,7 @@ impl Proc {
         match self.child.try_wait()? {
             None => Ok(()),
             Some(status) => {
-                let out = self.log.as_deref().map(tail).unwrap_or_default();
+                let out = self.log.as_deref().map(|log| tail(log, 20)).unwrap_or_default();
                 bail!("{} exited ({status}); its output ends:\n{out}", self.name)
             }
         }
@@ -314,12 +301,6 @@ impl Drop for Proc {
         unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
         let _ = self.child.wait();
     }
-}
-
-fn tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Where a forwarder sends its connections.
@@ -475,13 +456,6 @@ fn listen(addr: SocketAddr) -> Result<TcpListener> {
     Ok(listener)
 }
 
-fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(stream)
-}
-
 /// Runs `f` once per peer (a fresh forwarder each), recording a failure as a problem for jumpgate
 /// and as a note for the others.
 fn each_peer(peers: &[Peer], report: &mut Report, what: &str, mut f: impl FnMut(Peer, &mut Report) -> Result<()>) {
@@ -496,128 +470,7 @@ fn each_peer(peers: &[Peer], report: &mut Report, what: &str, mut f: impl FnMut(
 // Throughput: a sink that counts (or checks) bytes and answers with the count after EOF
 
 fn start_sink() -> Result<SocketAddr> {
-    let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    let addr = listener.local_addr()?;
-    thread::Builder::new().name("sink".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(stream) => {
-                    let spawned = thread::Builder::new().name("sink-conn".into()).spawn(|| {
-                        if let Err(e) = sink_conn(stream) {
-                            eprintln!("sink: {e}");
-                        }
-                    });
-                    if let Err(e) = spawned {
-                        eprintln!("sink: {e}");
-                    }
-                }
-                Err(_) => thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    })?;
-    Ok(addr)
-}
-
-/// First byte `T`: count bytes, discarding them in the kernel; `V`: check them against the
-/// pattern. After the client's EOF, answer the count (8 bytes LE) and 1 if the bytes were intact.
-fn sink_conn(mut stream: TcpStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut mode = [0u8; 1];
-    stream.read_exact(&mut mode)?;
-    let verify = match mode[0] {
-        b'T' => false,
-        b'V' => true,
-        other => return Err(io::Error::other(format!("unknown sink mode {other}"))),
-    };
-    let mut buf = vec![0u8; CHUNK];
-    let mut expect = if verify { vec![0u8; CHUNK] } else { Vec::new() };
-    let (mut total, mut intact) = (0u64, true);
-    loop {
-        let n = if verify {
-            stream.read(&mut buf)?
-        } else {
-            recv_discard(&stream, &mut buf)?
-        };
-        if n == 0 {
-            break;
-        }
-        if verify && intact {
-            fill_pattern(&mut expect[..n], total);
-            intact = buf[..n] == expect[..n];
-        }
-        total += n as u64;
-    }
-    let mut reply = [0u8; 9];
-    reply[..8].copy_from_slice(&total.to_le_bytes());
-    reply[8] = u8::from(intact);
-    stream.write_all(&reply)
-}
-
-/// recv(2) with MSG_TRUNC: on TCP the kernel drops the bytes instead of copying them out, so the
-/// sink costs almost nothing per byte and the forwarder gets the CPU.
-fn recv_discard(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// The byte stream of a checked transfer: splitmix64 of the word index, little-endian.
-fn fill_pattern(buf: &mut [u8], offset: u64) {
-    let (mut pos, mut i) = (offset, 0);
-    while i < buf.len() {
-        let mut z = (pos / 8).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let word = (z ^ (z >> 31)).to_le_bytes();
-        let start = (pos % 8) as usize;
-        let n = (8 - start).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&word[start..start + n]);
-        i += n;
-        pos += n as u64;
-    }
-}
-
-/// Sends `bytes` to the sink through `addr`, half-closes, and waits for the sink's count: the
-/// time covers the bytes arriving, not just leaving.
-fn push(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
-    let mut stream = connect(addr)?;
-    let start = Instant::now();
-    stream.write_all(if verify { b"V" } else { b"T" })?;
-    let mut buf = vec![0x5au8; CHUNK];
-    let mut sent = 0u64;
-    while sent < bytes {
-        let n = CHUNK.min((bytes - sent) as usize);
-        if verify {
-            fill_pattern(&mut buf[..n], sent);
-        }
-        stream
-            .write_all(&buf[..n])
-            .with_context(|| format!("writing at byte {sent}"))?;
-        sent += n as u64;
-    }
-    stream.shutdown(Shutdown::Write)?;
-    let mut reply = [0u8; 9];
-    stream
-        .read_exact(&mut reply)
-        .context("no count from the sink after half-close")?;
-    let elapsed = start.elapsed();
-    let got = u64::from_le_bytes(reply[..8].try_into()?);
-    ensure!(got == bytes, "the sink received {got} of {bytes} bytes");
-    ensure!(reply[8] == 1, "bytes arrived altered (pattern mismatch)");
-    let n = stream
-        .read(&mut [0u8; 1])
-        .context("waiting for the close after the count")?;
-    ensure!(n == 0, "data after the sink's count");
-    Ok(elapsed)
+    common::serve_sink(listen(SocketAddr::from(([127, 0, 0, 1], 0)))?)
 }
 
 /// `streams` pushes at once; the time runs from the first start to the last count received.
@@ -642,22 +495,6 @@ fn push_parallel(addr: SocketAddr, streams: usize, bytes: u64) -> Result<Duratio
     let first = spans.iter().map(|s| s.0).min().ok_or_else(|| anyhow!("no streams"))?;
     let last = spans.iter().map(|s| s.1).max().ok_or_else(|| anyhow!("no streams"))?;
     Ok(last - first)
-}
-
-fn gbit(bytes: u64, time: Duration) -> f64 {
-    bytes as f64 * 8.0 / time.as_secs_f64() / 1e9
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 fn streams(plan: &Plan, peers: &[Peer], sink: SocketAddr, report: &mut Report) {
@@ -717,8 +554,8 @@ fn streams(plan: &Plan, peers: &[Peer], sink: SocketAddr, report: &mut Report) {
     }
     for (i, fwd) in fwds.iter().enumerate() {
         if !failed[i] {
-            report.add(M_SINGLE, fwd.peer, median(&mut single[i]), "Gbit/s", true);
-            report.add(M_MULTI, fwd.peer, median(&mut multi[i]), "Gbit/s", true);
+            report.add(M_SINGLE, fwd.peer, median(&single[i]), "Gbit/s", true);
+            report.add(M_MULTI, fwd.peer, median(&multi[i]), "Gbit/s", true);
         }
     }
 }
@@ -792,7 +629,7 @@ fn connections_per_second(plan: &Plan, peers: &[Peer], upstream: SocketAddr, rep
             workers.into_iter().filter_map(|w| w.join().ok()).collect()
         });
         let elapsed = start.elapsed();
-        let mut times: Vec<f64> = results
+        let times: Vec<f64> = results
             .iter()
             .flat_map(|r| &r.0)
             .map(|t| t.as_secs_f64() * 1e3)
@@ -812,7 +649,7 @@ fn connections_per_second(plan: &Plan, peers: &[Peer], upstream: SocketAddr, rep
             );
         }
         report.add(M_CPS, peer, per_sec, "/s", true);
-        report.add(M_TTFB, peer, median(&mut times), "ms", false);
+        report.add(M_TTFB, peer, median(&times), "ms", false);
         Ok(())
     });
 }
@@ -1166,9 +1003,9 @@ fn dns_change(plan: &Plan, peers: &[Peer], report: &mut Report) -> Result<()> {
             report.fail(fwd.peer, "DNS change", &e);
             continue;
         }
-        let mut ms: Vec<f64> = times.iter().flatten().map(|t| t.as_secs_f64() * 1e3).collect();
+        let ms: Vec<f64> = times.iter().flatten().map(|t| t.as_secs_f64() * 1e3).collect();
         let max = ms.iter().copied().fold(0.0, f64::max);
-        report.add(M_DNS_MED, fwd.peer, median(&mut ms), "ms", false);
+        report.add(M_DNS_MED, fwd.peer, median(&ms), "ms", false);
         report.add(M_DNS_MAX, fwd.peer, max, "ms", false);
     }
     Ok(())
@@ -1177,65 +1014,10 @@ fn dns_change(plan: &Plan, peers: &[Peer], report: &mut Report) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Report: table, targets, Markdown, SVG
 
-struct Row {
-    metric: String,
-    peer: Peer,
-    value: f64,
-    unit: &'static str,
-    higher_is_better: bool,
-}
-
-#[derive(Default)]
-struct Report {
-    rows: Vec<Row>,
-    notes: Vec<String>,
-    problems: Vec<String>,
-}
+type Report = common::Report<Peer>;
+type Row = common::Row<Peer>;
 
 impl Report {
-    fn add(&mut self, metric: &str, peer: Peer, value: f64, unit: &'static str, higher: bool) {
-        let metric = metric.to_string();
-        self.rows.push(Row {
-            metric,
-            peer,
-            value,
-            unit,
-            higher_is_better: higher,
-        });
-    }
-
-    fn note(&mut self, note: String) {
-        println!("note: {note}");
-        self.notes.push(note);
-    }
-
-    fn fail(&mut self, peer: Peer, what: &str, e: &anyhow::Error) {
-        let line = format!("{}: {what}: {e:#}", peer.name());
-        if peer == Peer::Jumpgate {
-            eprintln!("PROBLEM: {line}");
-            self.problems.push(line);
-        } else {
-            self.note(format!("{line} (left out of the table)"));
-        }
-    }
-
-    fn value(&self, metric: &str, peer: Peer) -> Option<f64> {
-        self.rows
-            .iter()
-            .find(|r| r.metric == metric && r.peer == peer)
-            .map(|r| r.value)
-    }
-
-    fn metrics(&self) -> Vec<&str> {
-        let mut metrics: Vec<&str> = Vec::new();
-        for row in &self.rows {
-            if !metrics.contains(&row.metric.as_str()) {
-                metrics.push(&row.metric);
-            }
-        }
-        metrics
-    }
-
     fn targets(&self, plan: &Plan) -> Vec<(String, Option<(f64, bool)>)> {
         let ratio = |metric: &str, peer| Some(self.value(metric, Peer::Jumpgate)? / self.value(metric, peer)?);
         let [small, large] = plan.idle_steps;
@@ -1263,14 +1045,7 @@ impl Report {
 
     fn render(&self, plan: &Plan) -> String {
         let mut md = String::new();
-        let kind = if plan.full {
-            "full run (`cargo bench --bench forward`)"
-        } else {
-            "SMOKE run (debug build, small sizes: the numbers mean nothing)"
-        };
-        let _ = writeln!(md, "# jumpgate forward bench: {kind}\n");
-        let _ = writeln!(md, "- date: {}", date());
-        let _ = writeln!(md, "- machine: {}", machine());
+        common::write_header(&mut md, "forward", "forward", plan.full, &machine());
         let _ = writeln!(
             md,
             "- sizes: single stream {} MiB × {} reps (median), {} streams × {} MiB, \
@@ -1325,27 +1100,8 @@ impl Report {
                 );
             }
         }
-        let _ = writeln!(md, "\n## Targets (issue 6)\n");
-        for (name, result) in self.targets(plan) {
-            let verdict = match result {
-                Some((v, true)) => format!("**met** ({})", number(v)),
-                Some((v, false)) => format!("**NOT met** ({})", number(v)),
-                None => "not measured".into(),
-            };
-            let _ = writeln!(md, "- {name}: {verdict}");
-        }
-        if !self.notes.is_empty() {
-            let _ = writeln!(md, "\n## Notes\n");
-            for note in &self.notes {
-                let _ = writeln!(md, "- {note}");
-            }
-        }
-        if !self.problems.is_empty() {
-            let _ = writeln!(md, "\n## PROBLEMS (jumpgate)\n");
-            for problem in &self.problems {
-                let _ = writeln!(md, "- {problem}");
-            }
-        }
+        common::write_targets(&mut md, 6, common::numbered(self.targets(plan)));
+        self.write_notes(&mut md);
         md
     }
 
@@ -1393,49 +1149,7 @@ impl Report {
     }
 }
 
-fn number(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-fn xml(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn machine() -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let version = |cmd: &str, arg: &str| {
         Command::new(cmd)
             .arg(arg)
@@ -1449,19 +1163,5 @@ fn machine() -> String {
             })
             .unwrap_or_else(|| format!("{cmd}: not installed"))
     };
-    format!(
-        "{cores} cores, {cpu}, Linux {}; {}; {}",
-        kernel.trim(),
-        version("haproxy", "-v"),
-        version("socat", "-V")
-    )
-}
-
-/// `target/` of this build: the bench runs as target/<profile>/deps/forward-<hash>.
-fn target_dir() -> PathBuf {
-    env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
-        .filter(|dir| dir.join("CACHEDIR.TAG").exists() || dir.ends_with("target"))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+    format!("{}; {}; {}", host(), version("haproxy", "-v"), version("socat", "-V"))
 }

@@ -26,13 +26,12 @@
 //! with every descendant, when its guard drops.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     env,
     fmt::Write as _,
     fs::{self, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -44,10 +43,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use common::{
+    BenchPeer, IO_TIMEOUT, cpu_seconds, descendants, gbit, host, loadavg, median, number, percentile, push, tail,
+    target_dir,
+};
 
-/// Write and read size of the bulk transfers: large, so the bench's own ends cost little per byte.
-const CHUNK: usize = 1 << 20;
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
+#[path = "common/mod.rs"]
+mod common;
+
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// One connection of the rate test (connect, round trip, close), at most.
 const CONN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -154,15 +157,7 @@ fn m_session_rss(cipher: &str) -> String {
 }
 
 fn main() {
-    let plan = if env::args().any(|a| a == "--bench") {
-        &FULL
-    } else {
-        &SMOKE
-    };
-    if let Err(e) = run(plan) {
-        eprintln!("bench tunnel: FAILED: {e:#}");
-        std::process::exit(1);
-    }
+    common::bench_main("tunnel", &FULL, &SMOKE, run);
 }
 
 fn run(plan: &Plan) -> Result<()> {
@@ -306,62 +301,6 @@ fn alive(pid: i32) -> bool {
     };
     let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
     !matches!(state, Some("Z" | "X") | None)
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Every process below `pid` (not `pid` itself), from the parent ids in /proc/*/stat.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        // Fields after the command name, which is in parentheses and may contain anything.
-        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|s| s.parse::<i32>().ok());
-        if let Some(ppid) = ppid {
-            children.entry(ppid).or_default().push(p);
-        }
-    }
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        for &c in children.get(&p).into_iter().flatten() {
-            out.push(c);
-            todo.push(c);
-        }
-    }
-    out
-}
-
-/// User + system CPU time of a process tree so far, in seconds (/proc/PID/stat, clock ticks;
-/// a process's own line includes its exited threads).
-fn cpu_seconds(pid: i32) -> f64 {
-    // SAFETY: sysconf(3) only reads a constant of the system.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut total = 0u64;
-    for p in std::iter::once(pid).chain(descendants(pid)) {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
-        let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        for i in [11, 12] {
-            total += fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        }
-    }
-    total as f64 / ticks
 }
 
 /// The peak resident memory of one process (VmHWM), in KiB.
@@ -671,6 +610,13 @@ enum Peer {
     Ssh,
 }
 
+impl BenchPeer for Peer {
+    const JUMPGATE: Peer = Peer::Jumpgate;
+    fn label(self) -> &'static str {
+        self.name()
+    }
+}
+
 impl Peer {
     fn name(self) -> &'static str {
         match self {
@@ -921,130 +867,7 @@ impl Site {
 // The bench's two upstreams: a sink that counts (or checks) bytes, and an echo server
 
 fn start_sink() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    thread::Builder::new().name("sink".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(stream) => {
-                    let spawned = thread::Builder::new().name("sink-conn".into()).spawn(|| {
-                        if let Err(e) = sink_conn(stream) {
-                            eprintln!("sink: {e}");
-                        }
-                    });
-                    if let Err(e) = spawned {
-                        eprintln!("sink: {e}");
-                    }
-                }
-                Err(_) => thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    })?;
-    Ok(addr)
-}
-
-/// First byte `T`: count bytes, discarding them in the kernel; `V`: check them against the
-/// pattern. After the client's EOF, answer the count (8 bytes LE) and 1 if the bytes were intact.
-fn sink_conn(mut stream: TcpStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut mode = [0u8; 1];
-    stream.read_exact(&mut mode)?;
-    let verify = match mode[0] {
-        b'T' => false,
-        b'V' => true,
-        other => return Err(io::Error::other(format!("unknown sink mode {other}"))),
-    };
-    let mut buf = vec![0u8; CHUNK];
-    let mut expect = if verify { vec![0u8; CHUNK] } else { Vec::new() };
-    let (mut total, mut intact) = (0u64, true);
-    loop {
-        let n = if verify {
-            stream.read(&mut buf)?
-        } else {
-            recv_discard(&stream, &mut buf)?
-        };
-        if n == 0 {
-            break;
-        }
-        if verify && intact {
-            fill_pattern(&mut expect[..n], total);
-            intact = buf[..n] == expect[..n];
-        }
-        total += n as u64;
-    }
-    let mut reply = [0u8; 9];
-    reply[..8].copy_from_slice(&total.to_le_bytes());
-    reply[8] = u8::from(intact);
-    stream.write_all(&reply)
-}
-
-/// recv(2) with MSG_TRUNC: on TCP the kernel drops the bytes instead of copying them out, so the
-/// sink costs almost nothing per byte and the tunnel gets the CPU.
-fn recv_discard(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// The byte stream of a checked transfer: splitmix64 of the word index, little-endian.
-fn fill_pattern(buf: &mut [u8], offset: u64) {
-    let (mut pos, mut i) = (offset, 0);
-    while i < buf.len() {
-        let mut z = (pos / 8).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let word = (z ^ (z >> 31)).to_le_bytes();
-        let start = (pos % 8) as usize;
-        let n = (8 - start).min(buf.len() - i);
-        buf[i..i + n].copy_from_slice(&word[start..start + n]);
-        i += n;
-        pos += n as u64;
-    }
-}
-
-/// Sends `bytes` to the sink through `addr`, half-closes, and waits for the sink's count: the
-/// time covers the bytes arriving, not just leaving, and the half-close crossing the tunnel.
-fn push(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let start = Instant::now();
-    stream.write_all(if verify { b"V" } else { b"T" })?;
-    let mut buf = vec![0x5au8; CHUNK];
-    let mut sent = 0u64;
-    while sent < bytes {
-        let n = CHUNK.min((bytes - sent) as usize);
-        if verify {
-            fill_pattern(&mut buf[..n], sent);
-        }
-        stream
-            .write_all(&buf[..n])
-            .with_context(|| format!("writing at byte {sent}"))?;
-        sent += n as u64;
-    }
-    stream.shutdown(Shutdown::Write)?;
-    let mut reply = [0u8; 9];
-    stream
-        .read_exact(&mut reply)
-        .context("no count from the sink after half-close")?;
-    let elapsed = start.elapsed();
-    let got = u64::from_le_bytes(reply[..8].try_into()?);
-    ensure!(got == bytes, "the sink received {got} of {bytes} bytes");
-    ensure!(reply[8] == 1, "bytes arrived altered (pattern mismatch)");
-    let n = stream
-        .read(&mut [0u8; 1])
-        .context("waiting for the close after the count")?;
-    ensure!(n == 0, "data after the sink's count");
-    Ok(elapsed)
+    common::serve_sink(TcpListener::bind("127.0.0.1:0")?)
 }
 
 /// A loopback echo server, a thread per connection: echoes until EOF, then closes. Counts the
@@ -1116,33 +939,6 @@ fn round_trip(addr: SocketAddr) -> Result<Duration> {
 
 // ---------------------------------------------------------------------------------------------
 // Measurements
-
-fn gbit(bytes: u64, time: Duration) -> f64 {
-    bytes as f64 * 8.0 / time.as_secs_f64() / 1e9
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut values = values.to_vec();
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-/// The `q` quantile (0..1) of `values`, nearest rank.
-fn percentile(values: &[f64], q: f64) -> f64 {
-    let mut values = values.to_vec();
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n => values[((n as f64 * q) as usize).min(n - 1)],
-    }
-}
 
 /// Byte-exact transfers with half-close and one echo round trip through every tunnel, first.
 fn verify(plan: &Plan, sites: &mut [Site], echo: &Echo, report: &mut Report) {
@@ -1543,65 +1339,27 @@ fn secs(v: Option<f64>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Report: table, targets, Markdown
 
-struct Row {
-    metric: String,
-    peer: Peer,
-    value: f64,
-    unit: &'static str,
-    higher_is_better: bool,
-}
-
+/// The shared report, and the sshd restarts the recovery phase measured.
 #[derive(Default)]
 struct Report {
-    rows: Vec<Row>,
+    base: common::Report<Peer>,
     recoveries: Vec<Recovery>,
-    notes: Vec<String>,
-    problems: Vec<String>,
+}
+
+impl std::ops::Deref for Report {
+    type Target = common::Report<Peer>;
+    fn deref(&self) -> &Self::Target {
+        &self.base
+    }
+}
+
+impl std::ops::DerefMut for Report {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.base
+    }
 }
 
 impl Report {
-    fn add(&mut self, metric: &str, peer: Peer, value: f64, unit: &'static str, higher: bool) {
-        self.rows.push(Row {
-            metric: metric.to_string(),
-            peer,
-            value,
-            unit,
-            higher_is_better: higher,
-        });
-    }
-
-    fn note(&mut self, note: String) {
-        println!("note: {note}");
-        self.notes.push(note);
-    }
-
-    fn fail(&mut self, peer: Peer, what: &str, e: &anyhow::Error) {
-        let line = format!("{}: {what}: {e:#}", peer.name());
-        if peer == Peer::Jumpgate {
-            eprintln!("PROBLEM: {line}");
-            self.problems.push(line);
-        } else {
-            self.note(format!("{line} (left out of the table)"));
-        }
-    }
-
-    fn value(&self, metric: &str, peer: Peer) -> Option<f64> {
-        self.rows
-            .iter()
-            .find(|r| r.metric == metric && r.peer == peer)
-            .map(|r| r.value)
-    }
-
-    fn metrics(&self) -> Vec<&str> {
-        let mut metrics: Vec<&str> = Vec::new();
-        for row in &self.rows {
-            if !metrics.contains(&row.metric.as_str()) {
-                metrics.push(&row.metric);
-            }
-        }
-        metrics
-    }
-
     /// (target, Some((measured, met))).
     fn targets(&self) -> Vec<(String, Option<(String, bool)>)> {
         let ratio = |metric: &str| Some(self.value(metric, Peer::Jumpgate)? / self.value(metric, Peer::Ssh)?);
@@ -1634,14 +1392,7 @@ impl Report {
 
     fn render(&self, plan: &Plan, user: &str) -> String {
         let mut md = String::new();
-        let kind = if plan.full {
-            "full run (`cargo bench --bench tunnel`)"
-        } else {
-            "SMOKE run (debug build, small sizes: the numbers mean nothing)"
-        };
-        let _ = writeln!(md, "# jumpgate tunnel bench: {kind}\n");
-        let _ = writeln!(md, "- date: {}", date());
-        let _ = writeln!(md, "- machine: {}", machine());
+        common::write_header(&mut md, "tunnel", "tunnel", plan.full, &machine());
         let _ = writeln!(
             md,
             "- sizes: {} MiB per transfer × {} reps (median) per cipher, {} MiB checked byte-exact \
@@ -1728,70 +1479,13 @@ impl Report {
                 );
             }
         }
-        let _ = writeln!(md, "\n## Targets (issue 8)\n");
-        for (name, result) in self.targets() {
-            let verdict = match result {
-                Some((v, true)) => format!("**met** ({v})"),
-                Some((v, false)) => format!("**NOT met** ({v})"),
-                None => "not measured".into(),
-            };
-            let _ = writeln!(md, "- {name}: {verdict}");
-        }
-        if !self.notes.is_empty() {
-            let _ = writeln!(md, "\n## Notes\n");
-            for note in &self.notes {
-                let _ = writeln!(md, "- {note}");
-            }
-        }
-        if !self.problems.is_empty() {
-            let _ = writeln!(md, "\n## PROBLEMS (jumpgate)\n");
-            for problem in &self.problems {
-                let _ = writeln!(md, "- {problem}");
-            }
-        }
+        common::write_targets(&mut md, 8, self.targets());
+        self.base.write_notes(&mut md);
         md
     }
 }
 
-fn number(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn machine() -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     // `ssh -V` prints its version on stderr.
     let openssh = Command::new("ssh")
         .arg("-V")
@@ -1799,17 +1493,5 @@ fn machine() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
         .unwrap_or_else(|| "ssh: not installed".into());
-    format!(
-        "{cores} cores, {cpu}, Linux {}; {openssh} (client and sshd)",
-        kernel.trim()
-    )
-}
-
-/// `target/` of this build: the bench runs as target/<profile>/deps/tunnel-<hash>.
-fn target_dir() -> PathBuf {
-    env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
-        .filter(|dir| dir.join("CACHEDIR.TAG").exists() || dir.ends_with("target"))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+    format!("{}; {openssh} (client and sshd)", host())
 }
