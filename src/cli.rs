@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
-use crate::config::{Config, DEFAULT_PATH, Host, HostKeySource, HostKeyType, OnChange};
+use crate::config::{Config, DEFAULT_PATH, Host, HostKeyType, OnChange};
 use crate::daemon::{self, App, StartError};
 use crate::dns;
 use crate::ssh::keys;
@@ -172,7 +172,7 @@ fn probe_targets(path: &Path) -> ExitCode {
                     let r = resolver.get_or_insert_with(|| dns::Resolver::new(&config.dns).map_err(|e| e.to_string()));
                     match r {
                         Ok(r) => match r.lookup(name).await {
-                            Ok(res) => res.v4.iter().chain(res.v6.iter()).flatten().copied().collect(),
+                            Ok(res) => res.addresses().collect(),
                             Err(e) => {
                                 unreachable += 1;
                                 println!("probe    {what} {target}: does not resolve: {e}");
@@ -280,16 +280,8 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
         let fingerprints: Vec<String> = s
             .host_keys
             .iter()
-            .filter_map(|source| {
-                let key = match source {
-                    HostKeySource::Path(p) => keys::read_any_public(p),
-                    HostKeySource::Generate(kind) => keys::read_any_public(&config.state_dir.join(kind.file_name())),
-                    HostKeySource::Env(_) | HostKeySource::Cmd(_) => {
-                        keys::read_source(source).map(|k| k.public_key().clone())
-                    }
-                };
-                key.ok().map(|k| keys::fingerprint_line(&k))
-            })
+            .filter_map(|source| keys::configured_public(source, &config.state_dir).ok())
+            .map(|k| keys::fingerprint_line(&k))
             .collect();
         ssh = serde_json::json!({
             "ssh_host": "<this host's public DNS name or its load balancer's>",
@@ -374,14 +366,8 @@ fn host_public_keys(config: &Config) -> Result<Vec<russh::keys::PublicKey>, Stri
     ssh.host_keys
         .iter()
         .map(|source| {
-            match source {
-                HostKeySource::Path(p) => keys::read_any_public(p),
-                HostKeySource::Generate(kind) => keys::read_any_public(&config.state_dir.join(kind.file_name())),
-                HostKeySource::Env(_) | HostKeySource::Cmd(_) => {
-                    keys::read_source(source).map(|k| k.public_key().clone())
-                }
-            }
-            .map_err(|e| format!("{e} (generated keys exist after the first `jumpgate run`)"))
+            keys::configured_public(source, &config.state_dir)
+                .map_err(|e| format!("{e} (generated keys exist after the first `jumpgate run`)"))
         })
         .collect()
 }
@@ -472,12 +458,7 @@ fn fingerprint(config: &Path, key: Option<&Path>) -> ExitCode {
     };
     let mut failed = false;
     for source in &ssh.host_keys {
-        let key = match source {
-            HostKeySource::Path(p) => keys::read_any_public(p),
-            HostKeySource::Generate(kind) => keys::read_any_public(&config.state_dir.join(kind.file_name())),
-            HostKeySource::Env(_) | HostKeySource::Cmd(_) => keys::read_source(source).map(|k| k.public_key().clone()),
-        };
-        match key {
+        match keys::configured_public(source, &config.state_dir) {
             Ok(k) => println!("{}", keys::fingerprint_line(&k)),
             Err(e) => {
                 failed = true;
@@ -673,8 +654,7 @@ fn check(path: &Path) -> ExitCode {
                         }
                         Ok(r) => match r.lookup(name).await {
                             Ok(resolved) => {
-                                let addrs = resolved.v4.iter().chain(resolved.v6.iter()).flatten();
-                                let list: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                                let list: Vec<String> = resolved.addresses().map(|a| a.to_string()).collect();
                                 format!("resolves to {} (ttl {}s)", list.join(", "), resolved.ttl.as_secs())
                             }
                             Err(e) => {

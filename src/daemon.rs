@@ -177,7 +177,8 @@ impl App {
         } else {
             None
         };
-        // One watch per distinct name, shared by every route that targets it.
+        // One watch per distinct name, shared by every forward route and tunnel
+        // that targets it.
         let mut watches: Vec<Watch> = Vec::new();
         let mut watch_for = |host: &Host| -> Watch {
             match (host, &resolver) {
@@ -248,18 +249,12 @@ impl App {
 
         let mut tunnels = Vec::new();
         for (i, t) in config.tunnel.iter().enumerate() {
-            let tunnel = Tunnel::new(
-                t.clone(),
-                resolver.as_ref(),
-                (config.dns.min_ttl, config.dns.max_ttl),
-                activity.clone(),
-            )
-            .map_err(|source| StartError::Tunnel {
-                file: file.clone(),
-                table: format!("[[tunnel]] #{} {:?}", i + 1, t.name),
-                source,
-            })?;
-            watches.extend(tunnel.watches());
+            let tunnel =
+                Tunnel::new(t.clone(), &mut watch_for, activity.clone()).map_err(|source| StartError::Tunnel {
+                    file: file.clone(),
+                    table: format!("[[tunnel]] #{} {:?}", i + 1, t.name),
+                    source,
+                })?;
             tunnels.push(tunnel);
         }
 

@@ -64,6 +64,13 @@ pub struct Resolved {
     pub ttl: Duration,
 }
 
+impl Resolved {
+    /// The addresses this lookup returned, IPv4 first (families that failed are left out).
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.v4.iter().chain(self.v6.iter()).flatten().copied()
+    }
+}
+
 /// A lookup that produced nothing usable: `label` is the metric's `result`.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{label}: {message}")]

@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{Host, RemoteConfig, ServerKey, TunnelConfig};
 use crate::daemon::Activity;
-use crate::dns::{Resolver, Watch};
+use crate::dns::Watch;
 use crate::metrics as m;
 use crate::relay::Meter;
 use crate::ssh::keys;
@@ -121,12 +121,12 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Loads the identity key (a start-up error if unreadable) and sets up
-    /// the DNS watches; nothing is dialled until [`Tunnel::run`].
+    /// Loads the identity key (a start-up error if unreadable); `watch_for`
+    /// gives the DNS watch of a host (the daemon's, shared with every role
+    /// that names it). Nothing is dialled until [`Tunnel::run`].
     pub fn new(
         config: TunnelConfig,
-        resolver: Option<&Resolver>,
-        ttl: (Duration, Duration),
+        watch_for: &mut impl FnMut(&Host) -> Watch,
         activity: Arc<Activity>,
     ) -> Result<Tunnel, TunnelError> {
         let key = keys::read_private(&config.identity)?;
@@ -136,11 +136,7 @@ impl Tunnel {
                 why: e.to_string(),
             })?;
         }
-        let watch_for = |host: &Host| match (host, resolver) {
-            (Host::Ip(ip), _) => Watch::fixed(*ip),
-            (Host::Name(name), Some(r)) => Watch::new(name, r.clone(), ttl.0, ttl.1),
-            (Host::Name(_), None) => unreachable!("a resolver is built whenever a tunnel names a host"),
-        };
+
         let server = watch_for(&config.server.host);
         let remotes = config
             .remotes
@@ -175,13 +171,6 @@ impl Tunnel {
 
     pub fn name(&self) -> &str {
         &self.shared.config.name
-    }
-
-    /// Every DNS watch this tunnel uses (the daemon runs them).
-    pub fn watches(&self) -> Vec<Watch> {
-        let mut all = vec![self.server.clone()];
-        all.extend(self.shared.remotes.iter().map(|(_, w)| w.clone()));
-        all.into_iter().filter(Watch::is_dynamic).collect()
     }
 
     /// "connecting" or "up", for the ready file (a tunnel that is down is

@@ -26,7 +26,7 @@ use crate::metrics as m;
 use crate::policy::{Connect, Decision, PermitOpen};
 use crate::relay::Meter;
 use crate::ssh::keys;
-use crate::ssh::server::{CHANNEL_CONNECT_TIMEOUT, FIRST_ANSWER_WAIT, Shared, canonical};
+use crate::ssh::server::{CHANNEL_CONNECT_TIMEOUT, FIRST_ANSWER_WAIT, Shared};
 use crate::upstream::{self, ConnectError};
 
 /// The authenticated identity of a session.
@@ -103,19 +103,17 @@ impl Handler {
             }
             return Err(format!("key {} is not authorized for {user:?}", keys::fingerprint(key)));
         };
-        entry
-            .admits(canonical(self.peer.ip()), SystemTime::now())
-            .map_err(|why| {
-                format!(
-                    "key {} ({}:{}): {why}",
-                    keys::fingerprint(key),
-                    user_entry
-                        .keys
-                        .as_ref()
-                        .map_or_else(String::new, |k| k.path().display().to_string()),
-                    entry.line
-                )
-            })?;
+        entry.admits(self.peer.ip(), SystemTime::now()).map_err(|why| {
+            format!(
+                "key {} ({}:{}): {why}",
+                keys::fingerprint(key),
+                user_entry
+                    .keys
+                    .as_ref()
+                    .map_or_else(String::new, |k| k.path().display().to_string()),
+                entry.line
+            )
+        })?;
         if !entry.options.forwarding_allowed {
             return Err(format!(
                 "key {} has restrict or no-port-forwarding: it may not forward (add port-forwarding after restrict)",

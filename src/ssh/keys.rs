@@ -119,6 +119,16 @@ fn algorithm(kind: HostKeyType) -> Algorithm {
     }
 }
 
+/// The public half of a configured host key, without generating anything
+/// (a generated key is read from `state_dir`, where the first start wrote it).
+pub fn configured_public(source: &HostKeySource, state_dir: &Path) -> Result<PublicKey, KeyError> {
+    match source {
+        HostKeySource::Path(p) => read_any_public(p),
+        HostKeySource::Generate(kind) => read_any_public(&state_dir.join(kind.file_name())),
+        HostKeySource::Env(_) | HostKeySource::Cmd(_) => read_source(source).map(|k| k.public_key().clone()),
+    }
+}
+
 /// Reads the key of an `env:` or `cmd:` source. A source that fails is an
 /// error naming the entry, never a reason to generate a key: every instance
 /// behind a load balancer must present the same one.

@@ -437,18 +437,10 @@ impl SshServer {
     }
 }
 
-/// IPv4-mapped IPv6 addresses (from a dual-stack listener) as IPv4.
-pub fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// `allowed_sources` for a client address; counts and audits a refusal.
 fn source_allowed(shared: &Shared, peer: SocketAddr) -> bool {
     let sources = &shared.config.allowed_sources;
-    let ip = canonical(peer.ip());
+    let ip = peer.ip().to_canonical();
     if sources.is_empty() || sources.iter().any(|net| net.contains(&ip)) {
         return true;
     }
