@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::Counter;
 use tokio::net::TcpStream;
 
+mod inlet;
+pub use inlet::{Inlet, InletRx, inlet};
+
 /// Which side of a relay failed: a metric label and a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -124,6 +127,58 @@ pub async fn tcp(client: &TcpStream, upstream: &TcpStream, meter: &Meter) -> Res
 /// into packets of the channel's maximum packet size.
 const CHANNEL_CHUNK: usize = 256 * 1024;
 
+/// Where a channel relay reads the channel → TCP direction from.
+pub enum ChannelSource {
+    /// russh's per-channel queue: each packet is handed from the session's
+    /// task to the relay's task, which writes it.
+    Queue(russh::ChannelReadHalf),
+    /// An [`Inlet`]: the session's handler writes the data itself, and the
+    /// relay writes only what the socket did not take at once.
+    Inlet(InletRx),
+}
+
+impl ChannelSource {
+    /// Writes the channel's data to `tcp` until its EOF (true: `tcp`'s write
+    /// side is shut down) or its close (false).
+    async fn pump(&mut self, tcp: &TcpStream, meter: &Meter) -> Result<bool, RelayError> {
+        let upstream = |source| RelayError {
+            side: Side::Upstream,
+            source,
+        };
+        match self {
+            ChannelSource::Queue(rx) => loop {
+                match rx.wait().await {
+                    Some(russh::ChannelMsg::Data { data }) => {
+                        write_all(tcp, &data).await.map_err(upstream)?;
+                        meter.add(Dir::Up, data.len());
+                    }
+                    Some(russh::ChannelMsg::Eof) => {
+                        finish(tcp).map_err(upstream)?;
+                        return Ok(true);
+                    }
+                    Some(russh::ChannelMsg::Close) | None => return Ok(false),
+                    Some(_) => {}
+                }
+            },
+            ChannelSource::Inlet(rx) => rx.pump(tcp, meter).await,
+        }
+    }
+
+    /// After the EOF: resolves when the channel closes.
+    async fn closed(&mut self) {
+        match self {
+            ChannelSource::Queue(rx) => {
+                while let Some(msg) = rx.wait().await {
+                    if matches!(msg, russh::ChannelMsg::Close) {
+                        return;
+                    }
+                }
+            }
+            ChannelSource::Inlet(rx) => rx.closed().await,
+        }
+    }
+}
+
 /// Relays between an SSH channel (either side of russh: server or client)
 /// and a TCP connection. `up` counts channel → TCP bytes, `down` TCP →
 /// channel. A channel EOF half-closes the TCP side and the other direction
@@ -134,7 +189,8 @@ const CHANNEL_CHUNK: usize = 256 * 1024;
 /// When `stop` resolves first, the channel is closed properly (the client
 /// sees the close) and its reason is returned as `Ok(Some(reason))`.
 pub async fn channel<S>(
-    channel: russh::Channel<S>,
+    mut source: ChannelSource,
+    tx: russh::ChannelWriteHalf<S>,
     tcp: &TcpStream,
     meter: &Meter,
     stop: impl std::future::Future<Output = &'static str>,
@@ -142,34 +198,17 @@ pub async fn channel<S>(
 where
     S: From<(russh::ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
 {
-    let (rx, tx) = channel.split();
     let channel_err = |e: russh::Error| RelayError {
         side: Side::Client,
         source: io::Error::other(e.to_string()),
     };
-    // Until the channel's EOF: hands the read half back then, so the loop
-    // below can still see the client's close while the answer flows.
+    // Until the channel's EOF: hands the source back then, so the loop
+    // below can still see the channel's close while the answer flows.
     let up = async move {
-        let mut rx = rx;
-        loop {
-            match rx.wait().await {
-                Some(russh::ChannelMsg::Data { data }) => {
-                    write_all(tcp, &data).await.map_err(|source| RelayError {
-                        side: Side::Upstream,
-                        source,
-                    })?;
-                    meter.add(Dir::Up, data.len());
-                }
-                Some(russh::ChannelMsg::Eof) => {
-                    finish(tcp).map_err(|source| RelayError {
-                        side: Side::Upstream,
-                        source,
-                    })?;
-                    return Ok::<_, RelayError>(Some(rx));
-                }
-                Some(russh::ChannelMsg::Close) | None => return Ok(None),
-                Some(_) => {}
-            }
+        match source.pump(tcp, meter).await {
+            Ok(true) => Ok(Some(source)),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
         }
     };
     let down = async {
@@ -200,7 +239,7 @@ where
     };
     tokio::pin!(up, down, stop);
     let (mut up_done, mut down_done) = (false, false);
-    let mut rest: Option<russh::ChannelReadHalf> = None;
+    let mut rest: Option<ChannelSource> = None;
     let result = loop {
         if up_done && down_done {
             // Both EOFs passed: the server closes first (OpenSSH clients
@@ -209,17 +248,14 @@ where
         }
         tokio::select! {
             r = &mut up, if !up_done => match r {
-                Ok(Some(rx)) => {
+                Ok(Some(source)) => {
                     up_done = true;
-                    rest = Some(rx);
+                    rest = Some(source);
                 }
                 Ok(None) => break Ok(None),
                 Err(e) => break Err(e),
             },
-            msg = async { rest.as_mut()?.wait().await }, if rest.is_some() => match msg {
-                Some(russh::ChannelMsg::Close) | None => break Ok(None),
-                Some(_) => {}
-            },
+            () = async { if let Some(source) = rest.as_mut() { source.closed().await } }, if rest.is_some() => break Ok(None),
             r = &mut down, if !down_done => match r {
                 Ok(()) => down_done = true,
                 Err(e) => break Err(e),

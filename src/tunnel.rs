@@ -15,6 +15,7 @@
 //! server still holds for a dead session is the normal case after a crash:
 //! the forward is refused until the server drops it, and we keep retrying.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use metrics::{Counter, Gauge};
 use russh::client::{self, Msg};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,7 +34,7 @@ use crate::config::{Host, RemoteConfig, ServerKey, TunnelConfig};
 use crate::daemon::Activity;
 use crate::dns::Watch;
 use crate::metrics as m;
-use crate::relay::Meter;
+use crate::relay::{self, ChannelSource, Inlet, InletRx, Meter};
 use crate::ssh::keys;
 use crate::upstream;
 
@@ -324,6 +325,7 @@ impl Session<'_> {
                 events: events.clone(),
                 cut: cut.clone(),
                 conns: conns.clone(),
+                inlets: HashMap::new(),
             };
             let mut handle = client::connect_stream(Arc::new(client_config(config)), SshSocket::new(tcp), handler)
                 .await
@@ -536,6 +538,9 @@ struct ClientHandler {
     events: Arc<Events>,
     cut: CancellationToken,
     conns: TaskTracker,
+    /// The forwarded connections' inbound halves: their data is written to
+    /// the database from this (the session's) task.
+    inlets: HashMap<ChannelId, Inlet>,
 }
 
 impl ClientHandler {
@@ -631,6 +636,10 @@ impl client::Handler for ClientHandler {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
+        // Connections whose relay has ended (or whose database refused).
+        self.inlets.retain(|_, inlet| !inlet.is_gone());
+        let (inlet, inlet_rx) = relay::inlet();
+        self.inlets.insert(channel.id(), inlet);
         let origin = format!("{originator_address}:{originator_port}");
         let span = info_span!("tunnel_conn", tunnel = %self.shared.config.name, port = remote.port, %origin);
         let task = Forwarded {
@@ -640,7 +649,32 @@ impl client::Handler for ClientHandler {
             origin,
             cut: self.cut.clone(),
         };
-        self.conns.spawn(task.run(channel, reply).instrument(span));
+        self.conns.spawn(task.run(channel, inlet_rx, reply).instrument(span));
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(inlet) = self.inlets.get(&channel) {
+            inlet.data(data).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut client::Session) -> Result<(), Self::Error> {
+        if let Some(inlet) = self.inlets.get(&channel) {
+            inlet.eof();
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut client::Session) -> Result<(), Self::Error> {
+        // Dropping the inlet tells the relay.
+        self.inlets.remove(&channel);
         Ok(())
     }
 }
@@ -655,7 +689,7 @@ struct Forwarded {
 }
 
 impl Forwarded {
-    async fn run(self, channel: Channel<Msg>, reply: client::ChannelOpenHandle) {
+    async fn run(self, channel: Channel<Msg>, inlet: InletRx, reply: client::ChannelOpenHandle) {
         let started = Instant::now();
         let tunnel = &self.shared.config.name;
         if self.watch.current().is_empty() {
@@ -679,17 +713,30 @@ impl Forwarded {
         };
         let _ = tcp.set_nodelay(true);
         let upstream_addr: Option<SocketAddr> = tcp.peer_addr().ok();
+        let tcp = Arc::new(tcp);
+        let meter = Arc::new(Meter::new(
+            self.shared.metrics.bytes_up.clone(),
+            self.shared.metrics.bytes_down.clone(),
+        ));
+        inlet.attach(&tcp, &meter);
         reply.accept().await;
         let _open = self.shared.activity.enter();
         self.shared.open.fetch_add(1, Ordering::SeqCst);
         info!(target: "audit", event = "tunnel_conn_open", tunnel = %tunnel, origin = %self.origin,
             upstream = %upstream_addr.map_or_else(|| "unknown".into(), |a| a.to_string()));
-        let meter = Meter::new(
-            self.shared.metrics.bytes_up.clone(),
-            self.shared.metrics.bytes_down.clone(),
-        );
-        let reason =
-            upstream::relay_channel(channel, &tcp, &meter, &self.watch, self.remote.on_change, &self.cut).await;
+        // russh's own queue of this channel is not read: the inlet carries
+        // its data, EOF and close.
+        let (_, tx) = channel.split();
+        let reason = upstream::relay_channel(
+            ChannelSource::Inlet(inlet),
+            tx,
+            &tcp,
+            &meter,
+            &self.watch,
+            self.remote.on_change,
+            &self.cut,
+        )
+        .await;
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
         let (up, down) = meter.bytes();
         info!(target: "audit", event = "tunnel_conn_close",tunnel = %tunnel, origin = %self.origin,

@@ -111,7 +111,8 @@ pub async fn address_left(watch: Option<(watch::Receiver<Answer>, IpAddr)>) {
 /// "close"`), or `cut` fires; returns the reason for the close audit line.
 /// Shared by the ssh role's channels and the tunnel's forwarded connections.
 pub async fn relay_channel<S>(
-    channel: russh::Channel<S>,
+    source: crate::relay::ChannelSource,
+    channel: russh::ChannelWriteHalf<S>,
     tcp: &TcpStream,
     meter: &crate::relay::Meter,
     watch: &Watch,
@@ -131,7 +132,7 @@ where
             () = cut.cancelled() => "shutdown",
         }
     };
-    match crate::relay::channel(channel, tcp, meter, stop).await {
+    match crate::relay::channel(source, channel, tcp, meter, stop).await {
         Ok(None) => "closed".to_string(),
         Ok(Some(why)) => why.to_string(),
         Err(e) => format!("{} error: {}", e.side.as_str(), e.source),

@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::dns::Watch;
 use crate::metrics as m;
 use crate::policy::{Connect, Decision, PermitOpen};
-use crate::relay::Meter;
+use crate::relay::{ChannelSource, Meter};
 use crate::ssh::keys;
 use crate::ssh::server::{CHANNEL_CONNECT_TIMEOUT, FIRST_ANSWER_WAIT, Shared};
 use crate::upstream::{self, ConnectError};
@@ -411,8 +411,17 @@ impl ChannelTask {
             metrics::counter!(m::RELAY_BYTES, "role" => "ssh", "name" => self.user.clone(), "direction" => "up"),
             metrics::counter!(m::RELAY_BYTES, "role" => "ssh", "name" => self.user.clone(), "direction" => "down"),
         );
-        let reason =
-            upstream::relay_channel(channel, &tcp, &meter, &self.watch, self.shared.on_change, &self.cut).await;
+        let (rx, tx) = channel.split();
+        let reason = upstream::relay_channel(
+            ChannelSource::Queue(rx),
+            tx,
+            &tcp,
+            &meter,
+            &self.watch,
+            self.shared.on_change,
+            &self.cut,
+        )
+        .await;
         let (up, down) = meter.bytes();
         metrics.channels_active.decrement(1.0);
         self.channels.fetch_sub(1, Ordering::SeqCst);
