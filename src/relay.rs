@@ -127,69 +127,18 @@ pub async fn tcp(client: &TcpStream, upstream: &TcpStream, meter: &Meter) -> Res
 /// into packets of the channel's maximum packet size.
 const CHANNEL_CHUNK: usize = 256 * 1024;
 
-/// Where a channel relay reads the channel → TCP direction from.
-pub enum ChannelSource {
-    /// russh's per-channel queue: each packet is handed from the session's
-    /// task to the relay's task, which writes it.
-    Queue(russh::ChannelReadHalf),
-    /// An [`Inlet`]: the session's handler writes the data itself, and the
-    /// relay writes only what the socket did not take at once.
-    Inlet(InletRx),
-}
-
-impl ChannelSource {
-    /// Writes the channel's data to `tcp` until its EOF (true: `tcp`'s write
-    /// side is shut down) or its close (false).
-    async fn pump(&mut self, tcp: &TcpStream, meter: &Meter) -> Result<bool, RelayError> {
-        let upstream = |source| RelayError {
-            side: Side::Upstream,
-            source,
-        };
-        match self {
-            ChannelSource::Queue(rx) => loop {
-                match rx.wait().await {
-                    Some(russh::ChannelMsg::Data { data }) => {
-                        write_all(tcp, &data).await.map_err(upstream)?;
-                        meter.add(Dir::Up, data.len());
-                    }
-                    Some(russh::ChannelMsg::Eof) => {
-                        finish(tcp).map_err(upstream)?;
-                        return Ok(true);
-                    }
-                    Some(russh::ChannelMsg::Close) | None => return Ok(false),
-                    Some(_) => {}
-                }
-            },
-            ChannelSource::Inlet(rx) => rx.pump(tcp, meter).await,
-        }
-    }
-
-    /// After the EOF: resolves when the channel closes.
-    async fn closed(&mut self) {
-        match self {
-            ChannelSource::Queue(rx) => {
-                while let Some(msg) = rx.wait().await {
-                    if matches!(msg, russh::ChannelMsg::Close) {
-                        return;
-                    }
-                }
-            }
-            ChannelSource::Inlet(rx) => rx.closed().await,
-        }
-    }
-}
-
 /// Relays between an SSH channel (either side of russh: server or client)
 /// and a TCP connection. `up` counts channel → TCP bytes, `down` TCP →
-/// channel. A channel EOF half-closes the TCP side and the other direction
-/// keeps flowing; a channel close ends the relay. An idle relay holds no
-/// buffer: TCP bytes are read only once the socket is readable, and channel
-/// data arrives in buffers russh already holds.
+/// channel. The channel's data arrives through `inlet`, whose other end the
+/// session's handler feeds ([`inlet`]). A channel EOF half-closes the TCP
+/// side and the other direction keeps flowing; a channel close ends the
+/// relay. An idle relay holds no buffer: TCP bytes are read only once the
+/// socket is readable, and channel data is written as it arrives.
 ///
 /// When `stop` resolves first, the channel is closed properly (the client
 /// sees the close) and its reason is returned as `Ok(Some(reason))`.
 pub async fn channel<S>(
-    mut source: ChannelSource,
+    inlet: &InletRx,
     tx: russh::ChannelWriteHalf<S>,
     tcp: &TcpStream,
     meter: &Meter,
@@ -202,15 +151,8 @@ where
         side: Side::Client,
         source: io::Error::other(e.to_string()),
     };
-    // Until the channel's EOF: hands the source back then, so the loop
-    // below can still see the channel's close while the answer flows.
-    let up = async move {
-        match source.pump(tcp, meter).await {
-            Ok(true) => Ok(Some(source)),
-            Ok(false) => Ok(None),
-            Err(e) => Err(e),
-        }
-    };
+    // Until the channel's EOF (true) or close (false).
+    let up = inlet.pump(tcp, meter);
     let down = async {
         loop {
             tcp.readable().await.map_err(|source| RelayError {
@@ -239,7 +181,6 @@ where
     };
     tokio::pin!(up, down, stop);
     let (mut up_done, mut down_done) = (false, false);
-    let mut rest: Option<ChannelSource> = None;
     let result = loop {
         if up_done && down_done {
             // Both EOFs passed: the server closes first (OpenSSH clients
@@ -248,14 +189,12 @@ where
         }
         tokio::select! {
             r = &mut up, if !up_done => match r {
-                Ok(Some(source)) => {
-                    up_done = true;
-                    rest = Some(source);
-                }
-                Ok(None) => break Ok(None),
+                Ok(true) => up_done = true,
+                Ok(false) => break Ok(None),
                 Err(e) => break Err(e),
             },
-            () = async { if let Some(source) = rest.as_mut() { source.closed().await } }, if rest.is_some() => break Ok(None),
+            // After the EOF the channel's close still ends the relay.
+            () = inlet.closed(), if up_done => break Ok(None),
             r = &mut down, if !down_done => match r {
                 Ok(()) => down_done = true,
                 Err(e) => break Err(e),

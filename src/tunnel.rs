@@ -34,7 +34,7 @@ use crate::config::{Host, RemoteConfig, ServerKey, TunnelConfig};
 use crate::daemon::Activity;
 use crate::dns::Watch;
 use crate::metrics as m;
-use crate::relay::{self, ChannelSource, Inlet, InletRx, Meter};
+use crate::relay::{self, Inlet, InletRx, Meter};
 use crate::ssh::keys;
 use crate::upstream;
 
@@ -713,24 +713,19 @@ impl Forwarded {
         };
         let _ = tcp.set_nodelay(true);
         let upstream_addr: Option<SocketAddr> = tcp.peer_addr().ok();
-        let tcp = Arc::new(tcp);
         let meter = Arc::new(Meter::new(
             self.shared.metrics.bytes_up.clone(),
             self.shared.metrics.bytes_down.clone(),
         ));
-        inlet.attach(&tcp, &meter);
         reply.accept().await;
         let _open = self.shared.activity.enter();
         self.shared.open.fetch_add(1, Ordering::SeqCst);
         info!(target: "audit", event = "tunnel_conn_open", tunnel = %tunnel, origin = %self.origin,
             upstream = %upstream_addr.map_or_else(|| "unknown".into(), |a| a.to_string()));
-        // russh's own queue of this channel is not read: the inlet carries
-        // its data, EOF and close.
-        let (_, tx) = channel.split();
         let reason = upstream::relay_channel(
-            ChannelSource::Inlet(inlet),
-            tx,
-            &tcp,
+            inlet,
+            channel,
+            tcp,
             &meter,
             &self.watch,
             self.remote.on_change,

@@ -9,6 +9,7 @@
 //! address left the answer.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -106,15 +107,17 @@ pub async fn address_left(watch: Option<(watch::Receiver<Answer>, IpAddr)>) {
     }
 }
 
-/// Relays an SSH channel to its database connection until either side ends
-/// it, the connection's address leaves the DNS answer (`on_change =
-/// "close"`), or `cut` fires; returns the reason for the close audit line.
-/// Shared by the ssh role's channels and the tunnel's forwarded connections.
+/// Relays an SSH channel, just accepted, to its database connection until
+/// either side ends it, the connection's address leaves the DNS answer
+/// (`on_change = "close"`), or `cut` fires; returns the reason for the close
+/// audit line. The channel's data comes through `inlet`, fed by the
+/// session's handler; `channel`'s read half is not used. Shared by the ssh
+/// role's channels and the tunnel's forwarded connections.
 pub async fn relay_channel<S>(
-    source: crate::relay::ChannelSource,
-    channel: russh::ChannelWriteHalf<S>,
-    tcp: &TcpStream,
-    meter: &crate::relay::Meter,
+    inlet: crate::relay::InletRx,
+    channel: russh::Channel<S>,
+    tcp: TcpStream,
+    meter: &Arc<crate::relay::Meter>,
     watch: &Watch,
     on_change: crate::config::OnChange,
     cut: &tokio_util::sync::CancellationToken,
@@ -122,6 +125,11 @@ pub async fn relay_channel<S>(
 where
     S: From<(russh::ChannelId, russh::ChannelMsg)> + Send + Sync + 'static,
 {
+    let tcp = Arc::new(tcp);
+    // Data that arrived before this is waiting in the inlet; from now on the
+    // handler writes straight to the socket.
+    inlet.attach(&tcp, meter);
+    let (_, channel) = channel.split();
     let left = match (on_change, tcp.peer_addr()) {
         (crate::config::OnChange::Close, Ok(a)) if watch.is_dynamic() => Some((watch.subscribe(), a.ip())),
         _ => None,
@@ -132,7 +140,7 @@ where
             () = cut.cancelled() => "shutdown",
         }
     };
-    match crate::relay::channel(source, channel, tcp, meter, stop).await {
+    match crate::relay::channel(&inlet, channel, &tcp, meter, stop).await {
         Ok(None) => "closed".to_string(),
         Ok(Some(why)) => why.to_string(),
         Err(e) => format!("{} error: {}", e.side.as_str(), e.source),

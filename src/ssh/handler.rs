@@ -8,6 +8,7 @@
 //! every resolved address is checked against `[ssh] deny`, and only then is
 //! the database dialled; the channel is confirmed once the database answers.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +16,7 @@ use std::time::{Instant, SystemTime};
 
 use russh::keys::{Algorithm, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +25,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::dns::Watch;
 use crate::metrics as m;
 use crate::policy::{Connect, Decision, PermitOpen};
-use crate::relay::{ChannelSource, Meter};
+use crate::relay::{self, Inlet, InletRx, Meter};
 use crate::ssh::keys;
 use crate::ssh::server::{CHANNEL_CONNECT_TIMEOUT, FIRST_ANSWER_WAIT, Shared};
 use crate::upstream::{self, ConnectError};
@@ -46,6 +47,9 @@ pub struct Handler {
     conns: TaskTracker,
     /// Decremented when the session ends, if it was counted as active.
     active: bool,
+    /// The open channels' inbound halves: their data is written to the
+    /// database from this (the session's) task.
+    inlets: HashMap<ChannelId, Inlet>,
 }
 
 impl Handler {
@@ -65,6 +69,7 @@ impl Handler {
             cut,
             conns,
             active: false,
+            inlets: HashMap::new(),
         }
     }
 
@@ -342,7 +347,31 @@ impl russh::server::Handler for Handler {
             cut: self.cut.clone(),
         };
         let span = info_span!("channel", user = %user.name, target = %task.target);
-        self.conns.spawn(task.run(channel, reply).instrument(span));
+        // Channels whose relay has ended (or whose database refused).
+        self.inlets.retain(|_, inlet| !inlet.is_gone());
+        let (inlet, inlet_rx) = relay::inlet();
+        self.inlets.insert(channel.id(), inlet);
+        self.conns.spawn(task.run(channel, inlet_rx, reply).instrument(span));
+        Ok(())
+    }
+
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(inlet) = self.inlets.get(&channel) {
+            inlet.data(data).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(inlet) = self.inlets.get(&channel) {
+            inlet.eof();
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        // Dropping the inlet tells the relay.
+        self.inlets.remove(&channel);
         Ok(())
     }
 }
@@ -362,7 +391,7 @@ struct ChannelTask {
 }
 
 impl ChannelTask {
-    async fn run(self, channel: Channel<Msg>, reply: ChannelOpenHandle) {
+    async fn run(self, channel: Channel<Msg>, inlet: InletRx, reply: ChannelOpenHandle) {
         let started = Instant::now();
         let metrics = &self.shared.metrics;
         let policy = self.shared.config.policy.clone();
@@ -407,15 +436,14 @@ impl ChannelTask {
         info!(target: "audit", event = "channel_open", peer = %self.peer, user = %self.user, target = %self.target,
             resolved = %upstream_addr.map_or_else(|| "unknown".into(), |a| a.to_string()), rule = %self.rule, decision = "allowed");
 
-        let meter = Meter::new(
+        let meter = Arc::new(Meter::new(
             metrics::counter!(m::RELAY_BYTES, "role" => "ssh", "name" => self.user.clone(), "direction" => "up"),
             metrics::counter!(m::RELAY_BYTES, "role" => "ssh", "name" => self.user.clone(), "direction" => "down"),
-        );
-        let (rx, tx) = channel.split();
+        ));
         let reason = upstream::relay_channel(
-            ChannelSource::Queue(rx),
-            tx,
-            &tcp,
+            inlet,
+            channel,
+            tcp,
             &meter,
             &self.watch,
             self.shared.on_change,
