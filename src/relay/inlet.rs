@@ -22,8 +22,13 @@ use tokio::sync::Notify;
 use super::{Dir, Meter, RelayError, Side, finish};
 
 /// Unwritten bytes one connection may hold before the session waits for its
-/// database.
-pub const LIMIT: usize = 4 * 1024 * 1024;
+/// database. Large on purpose: while the session waits it reads nothing from
+/// its peer, not even the window adjusts that our other direction needs, so
+/// a database that reads only while it can write back (an echo, a server
+/// streaming results while it is sent `COPY` data) could stall the channel
+/// for good once this much waits. Held only while bytes wait. The old bound,
+/// russh's per-channel queue of 4096 packets, was as large or larger.
+pub const LIMIT: usize = 128 * 1024 * 1024;
 
 #[derive(Default)]
 struct Outbox {
@@ -84,6 +89,8 @@ struct Shared {
     wake: Notify,
     /// The relay wrote something: a handler waiting for room goes on.
     drained: Notify,
+    /// [`LIMIT`], smaller in tests.
+    limit: usize,
 }
 
 impl Shared {
@@ -116,7 +123,12 @@ pub struct InletRx {
 
 /// A channel's two ends: the handler's and the relay's.
 pub fn inlet() -> (Inlet, InletRx) {
+    with_limit(LIMIT)
+}
+
+fn with_limit(limit: usize) -> (Inlet, InletRx) {
     let shared = Arc::new(Shared {
+        limit,
         outbox: Mutex::new(Outbox::default()),
         target: OnceLock::new(),
         wake: Notify::new(),
@@ -153,7 +165,7 @@ impl Inlet {
                     o.relay_writes = true;
                     self.shared.wake.notify_one();
                 }
-                if o.buf.len() < LIMIT {
+                if o.buf.len() < self.shared.limit {
                     o.buf.extend_from_slice(data);
                     return;
                 }
@@ -268,6 +280,8 @@ mod tests {
         (Arc::new(a.unwrap()), b.unwrap().0)
     }
 
+    const SMALL_LIMIT: usize = 4 * 1024 * 1024;
+
     struct Attached {
         inlet: Inlet,
         rx: InletRx,
@@ -280,7 +294,7 @@ mod tests {
     async fn attached() -> Attached {
         let (tcp, db) = pair().await;
         let meter = Arc::new(Meter::new(Counter::noop(), Counter::noop()));
-        let (inlet, rx) = inlet();
+        let (inlet, rx) = with_limit(SMALL_LIMIT);
         rx.attach(&tcp, &meter);
         Attached {
             inlet,
@@ -298,9 +312,9 @@ mod tests {
     #[tokio::test]
     async fn a_database_that_does_not_read_holds_the_session_at_the_limit_and_gets_every_byte_in_order_then_eof() {
         const PACKET: usize = 32 * 1024;
-        // More than LIMIT plus all the kernel may buffer on loopback (up to
-        // 4 MiB sent + 6 MiB received with Linux's default tcp_wmem/tcp_rmem).
-        const TOTAL: usize = 8 * LIMIT;
+        // More than the limit plus all the kernel may buffer on loopback (up
+        // to 4 MiB sent + 6 MiB received with Linux's default tcp_wmem/rmem).
+        const TOTAL: usize = 8 * SMALL_LIMIT;
         let Attached {
             inlet,
             rx,
@@ -327,7 +341,7 @@ mod tests {
             })
         };
         // The database reads nothing for a while: the handler must stop at
-        // LIMIT plus what the kernel buffers, not take everything.
+        // the limit plus what the kernel buffers, not take everything.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let accepted = fed.load(std::sync::atomic::Ordering::SeqCst);
         assert!(
@@ -357,7 +371,7 @@ mod tests {
         assert!(inlet.is_gone());
         let packet = vec![7u8; 64 * 1024];
         tokio::time::timeout(Duration::from_secs(5), async {
-            for _ in 0..(2 * LIMIT / packet.len()) {
+            for _ in 0..(2 * SMALL_LIMIT / packet.len()) {
                 inlet.data(&packet).await;
             }
         })

@@ -41,15 +41,12 @@ pub const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
 /// Largest packet we accept; OpenSSH clients send at most 32 KiB of data
 /// per packet on a forwarding channel anyway (russh default: 32768).
 pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
-/// Messages (of up to MAX_PACKET_SIZE bytes) queued per channel before
-/// russh's session loop waits for the relay to take them. russh re-opens a
-/// channel's window as data arrives, not as it is consumed
-/// (russh-0.65.1 src/server/encrypted.rs:1490-1517), so this queue is the
-/// only backpressure, and while it is full the whole session stalls: with
-/// russh's default of 100 a channel carrying bytes both ways at full speed
-/// (the relay's upstream side blocked while it waits for a WINDOW_ADJUST
-/// that the stalled loop cannot read) deadlocked in our tests. 256 x 32 KiB
-/// = 8 MiB per channel at most, allocated only while queued.
+/// Size of russh's per-channel message queue. Channel data does not travel
+/// through it: the session's handler hands it to [`crate::relay::inlet`],
+/// and the relay drops the queue's read half as it starts (russh then stops
+/// queueing). Until then a full queue would make russh's session loop wait
+/// (russh-0.65.1 src/server/encrypted.rs:1502-1517), so it stays large; it
+/// holds memory only while messages wait in it.
 pub const CHANNEL_BUFFER: usize = 4096;
 /// A client on a proxy_protocol listener must send its header within this.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -428,6 +428,47 @@ fn hundred_mib_each_way_through_one_channel_arrive_byte_exact() {
     assert_eq!(ssh.wait(Duration::from_secs(10)), Some(0), "ssh -W exit");
 }
 
+/// An echo upstream reads only while it can write back: if the session's
+/// loop waited for the database while the database waited for us to take its
+/// echo (which needs the client's window adjust, read by that same loop),
+/// the channel would stall for good (`docs/russh-flow-control.md`).
+#[test]
+fn sixty_four_mib_echoed_through_one_channel_come_back_byte_exact() {
+    const LEN: u64 = 64 * 1024 * 1024;
+    let up = Upstream::bind(ip("127.0.0.2"), 0, Behavior::Echo).expect("bind");
+    let dns = DnsServer::start();
+    dns.set_a("db", &[ip("127.0.0.2")], 30);
+    let lab = Lab::new();
+    let key = lab.key("user_ed25519", "ed25519");
+    lab.authorize(&[key.line("")]);
+    let b = lab.start(&SshConfig::allowing(allow_host(DB, &[up.port()])), dns.addr());
+
+    let started = Instant::now();
+    let mut ssh = b.stdio(&key, &format!("{DB}:{}", up.port()), &[], Duration::from_secs(60));
+    let mut stdout = ssh.stdout.take().expect("stdout");
+    assert_eq!(
+        hello(&mut stdout),
+        Some(ip("127.0.0.2")),
+        "no hello; ssh stderr:\n{}",
+        ssh.stderr()
+    );
+    let mut stdin = ssh.stdin.take().expect("stdin");
+    let sending = std::thread::spawn(move || {
+        let sent = send_pattern(&mut stdin, 1, LEN);
+        drop(stdin);
+        sent
+    });
+    let echoed = hash_to_eof(&mut stdout).expect("read ssh stdout");
+    let sent = sending.join().expect("sender");
+    eprintln!("64 MiB echoed through one channel in {:?}", started.elapsed());
+    assert!(
+        matches!(sent, Ok(sent) if sent == echoed),
+        "echoed (len, hash) {echoed:?}, sent {sent:?} (a stalled channel ends when ssh is killed at 60 s); \
+         ssh stderr:\n{}",
+        ssh.stderr()
+    );
+}
+
 #[test]
 fn fifty_channels_at_once_on_one_session_arrive_byte_exact() {
     const N: usize = 50;

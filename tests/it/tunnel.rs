@@ -604,6 +604,38 @@ fn hundred_mib_each_way_through_the_tunnel_arrive_byte_exact() {
     );
 }
 
+/// The session must never wait for a database that waits for it: an echo
+/// reads only while it can write back (`docs/russh-flow-control.md`).
+#[test]
+fn sixty_four_mib_echoed_through_one_tunnel_connection_come_back_byte_exact() {
+    const LEN: u64 = 64 * 1024 * 1024;
+    let site = Site::new();
+    let up = Upstream::bind(ip("127.0.0.2"), 0, Behavior::Echo).expect("bind");
+    let port = quiet_port();
+    let t1 = site.tunnel("t1", vec![remote(port, up.addr())]);
+    let d = start(&[&t1]);
+    wait_up(&d, &site.sshd, "t1", UP_TIMEOUT);
+
+    let started = Instant::now();
+    // A stalled connection ends at the read timeout.
+    let mut client = connect_remote(port, Duration::from_secs(30)).expect("connect to the remote port");
+    assert_eq!(hello(&mut client), Some(ip("127.0.0.2")), "no hello through the tunnel");
+    let mut writer = client.try_clone().expect("clone");
+    let sending = std::thread::spawn(move || {
+        let sent = send_pattern(&mut writer, 1, LEN);
+        let _ = writer.shutdown(Shutdown::Write);
+        sent
+    });
+    let echoed = hash_to_eof(&mut client);
+    let sent = sending.join().expect("sender");
+    eprintln!("64 MiB echoed through the tunnel in {:?}", started.elapsed());
+    assert!(
+        matches!((&sent, &echoed), (Ok(s), Ok(e)) if s == e),
+        "echoed (len, hash) {echoed:?}, sent {sent:?}"
+    );
+    assert_eq!(up_metric(&d, "t1"), Some(1.0), "the tunnel stayed up");
+}
+
 #[test]
 fn fifty_connections_at_once_through_the_tunnel_arrive_byte_exact() {
     const N: usize = 50;
