@@ -3,11 +3,20 @@
 //!
 //! One sshd per cipher (its `Ciphers` line names only that cipher, so jumpgate and `ssh`
 //! negotiate the same one); each carries one jumpgate tunnel and one `ssh -N -R`, each asking for
-//! two remote ports on sshd's loopback: one forwarded to a sink in this process, one to an echo
-//! server in this process. Measured:
-//! - throughput: bytes pushed into the sink's remote port travel sshd → tunnel client → sink,
-//!   with aes256-gcm and chacha20-poly1305 (raw loopback to the sink for scale), plus the CPU that
-//!   sshd and the tunnel client spend per GiB;
+//! three remote ports on sshd's loopback, forwarded to three servers in this process on the
+//! tunnel client's side (where the database would be): a sink, an echo server and a source.
+//! Measured:
+//! - throughput both ways, with aes256-gcm and chacha20-poly1305, plus the CPU that sshd and the
+//!   tunnel client spend per GiB; each direction in its own phase, the same way: repetitions, in
+//!   each every tunnel in turn, back to back; the median reported, and each pair's ratio:
+//!   - service → database: bytes pushed into the sink's remote port travel sshd → tunnel client
+//!     → sink; the time runs until the sink's count comes back (raw loopback to the sink for
+//!     scale);
+//!   - database → service, what a sync is made of: a request sent to the source's remote port
+//!     asks for N bytes, which travel source → tunnel client → sshd → the bench; the time runs
+//!     until the source's half-close arrives after them (raw loopback from the source for scale);
+//! - byte-exact checks first, both ways: the pattern pushed to the sink and pulled from the
+//!   source, each with its half-close, and one echo round trip, through every tunnel;
 //! - connection rate: sequential connect to the echo's remote port, one round trip, half-close,
 //!   wait for the close;
 //! - recovery after an sshd restart (its own sshd and jumpgate): sshd and every session process
@@ -44,7 +53,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use common::{
-    BenchPeer, IO_TIMEOUT, cpu_seconds, descendants, gbit, host, loadavg, median, number, percentile, push, tail,
+    BenchPeer, IO_TIMEOUT, cpu_seconds, descendants, gbit, host, loadavg, median, number, percentile, pull, push, tail,
     target_dir,
 };
 
@@ -118,18 +127,74 @@ const SMOKE: Plan = Plan {
     restarts: 1,
 };
 
+/// Which way a throughput phase moves the bytes. The tunnel client runs next to the database; the
+/// service connects to sshd's remote port.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Direction {
+    /// Pushed into the sink's remote port: service → sshd → tunnel client → sink (the database).
+    ToDatabase,
+    /// Pulled from the source's remote port: source (the database) → tunnel client → sshd →
+    /// service. What a sync is made of.
+    ToService,
+}
+
+/// In the order the phases run.
+const DIRECTIONS: [Direction; 2] = [Direction::ToDatabase, Direction::ToService];
+
+impl Direction {
+    fn index(self) -> usize {
+        match self {
+            Direction::ToDatabase => 0,
+            Direction::ToService => 1,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Direction::ToDatabase => "service → database",
+            Direction::ToService => "database → service",
+        }
+    }
+
+    /// The hops the bytes take.
+    fn path(self) -> &'static str {
+        match self {
+            Direction::ToDatabase => "service → sshd → tunnel client → database",
+            Direction::ToService => "database → tunnel client → sshd → service",
+        }
+    }
+
+    /// The metric of the same transfer over plain loopback to (or from) that server.
+    fn raw_metric(self) -> &'static str {
+        match self {
+            Direction::ToDatabase => M_RAW,
+            Direction::ToService => M_RAW_SOURCE,
+        }
+    }
+
+    /// One transfer of `bytes` through `addr`: its time, from the first byte of the request to the
+    /// last byte's arrival confirmed (the sink's count back, or the source's EOF).
+    fn transfer(self, addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
+        match self {
+            Direction::ToDatabase => push(addr, bytes, verify),
+            Direction::ToService => pull(addr, bytes, verify),
+        }
+    }
+}
+
 const M_RAW: &str = "raw loopback to the sink, no SSH (Gbit/s)";
+const M_RAW_SOURCE: &str = "raw loopback from the source, no SSH (Gbit/s)";
 
-fn m_throughput(cipher: &str) -> String {
-    format!("throughput sshd → tunnel client → sink, {cipher} (Gbit/s)")
+fn m_throughput(dir: Direction, cipher: &str) -> String {
+    format!("throughput {}, {cipher} (Gbit/s)", dir.path())
 }
 
-fn m_client_cpu(cipher: &str) -> String {
-    format!("tunnel client CPU per GiB, {cipher} (s)")
+fn m_client_cpu(dir: Direction, cipher: &str) -> String {
+    format!("tunnel client CPU per GiB, {}, {cipher} (s)", dir.name())
 }
 
-fn m_server_cpu(cipher: &str) -> String {
-    format!("sshd CPU per GiB, {cipher} (s)")
+fn m_server_cpu(dir: Direction, cipher: &str) -> String {
+    format!("sshd CPU per GiB, {}, {cipher} (s)", dir.name())
 }
 
 fn m_rate(cipher: &str) -> String {
@@ -176,15 +241,22 @@ fn run(plan: &Plan) -> Result<()> {
     let lab = Lab::new()?;
     let sink = start_sink()?;
     let echo = Echo::start()?;
+    let source = start_source()?;
 
     {
         let mut sites = Vec::new();
         for cipher in CIPHERS {
-            sites.push(Site::start(&lab, cipher, sink, echo.addr, &mut report)?);
+            sites.push(Site::start(&lab, cipher, [sink, echo.addr, source], &mut report)?);
         }
         verify(plan, &mut sites, &echo, &mut report);
-        throughput(plan, &mut sites, sink, &mut report);
-        println!("({:.1} s)", started.elapsed().as_secs_f64());
+        for dir in DIRECTIONS {
+            let upstream = match dir {
+                Direction::ToDatabase => sink,
+                Direction::ToService => source,
+            };
+            throughput(plan, &mut sites, dir, upstream, &mut report);
+            println!("({:.1} s)", started.elapsed().as_secs_f64());
+        }
         connection_rate(plan, &mut sites, &echo, &mut report);
         println!("({:.1} s)", started.elapsed().as_secs_f64());
     }
@@ -627,62 +699,77 @@ impl Peer {
     }
 }
 
-/// A running tunnel client and the two ports it had sshd listen on.
-struct Tunnel {
-    peer: Peer,
-    cipher: &'static str,
-    /// On sshd's side: forwarded to the sink, and to the echo server.
-    sink_port: u16,
-    echo_port: u16,
-    proc: Proc,
-    /// jumpgate's admin address (for /readyz).
-    admin: Option<SocketAddr>,
-    /// Per repetition: Gbit/s, client CPU s per GiB, sshd CPU s per GiB.
+/// One throughput phase's measurements of one tunnel, per repetition: Gbit/s, client CPU s per
+/// GiB, sshd CPU s per GiB.
+#[derive(Default)]
+struct Samples {
     gbit: Vec<f64>,
     client_cpu: Vec<f64>,
     server_cpu: Vec<f64>,
+}
+
+/// A running tunnel client and the ports it had sshd listen on.
+struct Tunnel {
+    peer: Peer,
+    cipher: &'static str,
+    /// On sshd's side, in the order of the targets it was started with: forwarded to the sink,
+    /// to the echo server, and (the tunnels measured, not the recovery one) to the source.
+    ports: Vec<u16>,
+    proc: Proc,
+    /// jumpgate's admin address (for /readyz).
+    admin: Option<SocketAddr>,
+    /// Per throughput direction ([`Direction::index`]).
+    samples: [Samples; 2],
     /// Per connection of the rate test: seconds.
     conns: Vec<f64>,
     failed: bool,
 }
 
 impl Tunnel {
-    fn new(peer: Peer, cipher: &'static str, ports: [u16; 2], proc: Proc, admin: Option<SocketAddr>) -> Tunnel {
+    fn new(peer: Peer, cipher: &'static str, ports: Vec<u16>, proc: Proc, admin: Option<SocketAddr>) -> Tunnel {
         Tunnel {
             peer,
             cipher,
-            sink_port: ports[0],
-            echo_port: ports[1],
+            ports,
             proc,
             admin,
-            gbit: Vec::new(),
-            client_cpu: Vec::new(),
-            server_cpu: Vec::new(),
+            samples: Default::default(),
             conns: Vec::new(),
             failed: false,
         }
     }
 
-    fn sink_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.sink_port))
+    fn remote(&self, i: usize) -> Result<SocketAddr> {
+        let port = self
+            .ports
+            .get(i)
+            .ok_or_else(|| anyhow!("the {} tunnel has no remote port #{}", self.peer.name(), i + 1))?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], *port)))
     }
 
     fn echo_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.echo_port))
+        SocketAddr::from(([127, 0, 0, 1], self.ports[1]))
+    }
+
+    /// The remote port whose bytes go to the sink, or come from the source.
+    fn addr_for(&self, dir: Direction) -> Result<SocketAddr> {
+        match dir {
+            Direction::ToDatabase => self.remote(0),
+            Direction::ToService => self.remote(2),
+        }
+    }
+
+    fn samples(&self, dir: Direction) -> &Samples {
+        &self.samples[dir.index()]
     }
 }
 
-/// `jumpgate run` with one `[[tunnel]]` "t1" to `sshd`, two remotes (sink, echo); returns once
-/// `/readyz/tunnel/t1` is 200 and sshd listens on both remote ports.
-fn start_jumpgate(
-    lab: &Lab,
-    sshd: &Sshd,
-    cipher: &'static str,
-    targets: [SocketAddr; 2],
-    level: &str,
-) -> Result<Tunnel> {
+/// `jumpgate run` with one `[[tunnel]]` "t1" to `sshd`, a remote for each target (sink, echo and
+/// for the measured tunnels the source); returns once `/readyz/tunnel/t1` is 200 and sshd listens
+/// on every remote port.
+fn start_jumpgate(lab: &Lab, sshd: &Sshd, cipher: &'static str, targets: &[SocketAddr], level: &str) -> Result<Tunnel> {
     let dir = lab.subdir(&format!("jumpgate-{cipher}-{}", sshd.port))?;
-    let ports = [quiet_port()?, quiet_port()?];
+    let ports = targets.iter().map(|_| quiet_port()).collect::<Result<Vec<u16>>>()?;
     let mut config = format!(
         "[log]\nlevel = \"{level}\"\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [[tunnel]]\nname = \"t1\"\nserver = \"127.0.0.1:{port}\"\nuser = \"{user}\"\n\
@@ -730,8 +817,8 @@ fn start_jumpgate(
     Ok(tunnel)
 }
 
-/// Waits until the tunnel says it is up (jumpgate: `/readyz/tunnel/t1`) and sshd listens on both
-/// of its remote ports.
+/// Waits until the tunnel says it is up (jumpgate: `/readyz/tunnel/t1`) and sshd listens on every
+/// one of its remote ports.
 fn wait_tunnel_up(tunnel: &mut Tunnel, deadline: Instant) -> Result<()> {
     loop {
         tunnel.proc.alive()?;
@@ -739,7 +826,7 @@ fn wait_tunnel_up(tunnel: &mut Tunnel, deadline: Instant) -> Result<()> {
             Some(admin) => http_get(admin, "/readyz/tunnel/t1").is_ok_and(|(code, _)| code == 200),
             None => true,
         };
-        if ready && is_listening(tunnel.sink_port) && is_listening(tunnel.echo_port) {
+        if ready && tunnel.ports.iter().all(|&p| is_listening(p)) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -749,14 +836,22 @@ fn wait_tunnel_up(tunnel: &mut Tunnel, deadline: Instant) -> Result<()> {
                 .map(|(code, body)| format!("; /readyz/tunnel/t1: {code} {}", body.trim()))
                 .unwrap_or_default();
             bail!(
-                "{} tunnel not up (sshd listening on {} and {}) in time{why}; its log ends:\n{}",
+                "{} tunnel not up (sshd listening on {}) in time{why}; its log ends:\n{}",
                 tunnel.peer.name(),
-                tunnel.sink_port,
-                tunnel.echo_port,
+                ports(&tunnel.ports),
                 tail(&tunnel.proc.log, 20)
             );
         }
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// "P1, P2 and P3".
+fn ports(ports: &[u16]) -> String {
+    let all: Vec<String> = ports.iter().map(u16::to_string).collect();
+    match all.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => all.join(""),
     }
 }
 
@@ -776,13 +871,14 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((code, body))
 }
 
-/// `ssh -N -R localhost:P1:SINK -R localhost:P2:ECHO` to `sshd`, with autossh's options from
-/// the issue (ServerAlive 10 s × 1, ExitOnForwardFailure); returns once sshd listens on both.
-fn start_ssh(lab: &Lab, sshd: &Sshd, cipher: (&'static str, &str), targets: [SocketAddr; 2]) -> Result<Tunnel> {
+/// `ssh -N -R localhost:P1:SINK -R localhost:P2:ECHO -R localhost:P3:SOURCE` (one `-R` per
+/// target) to `sshd`, with autossh's options from the issue (ServerAlive 10 s × 1,
+/// ExitOnForwardFailure); returns once sshd listens on every remote port.
+fn start_ssh(lab: &Lab, sshd: &Sshd, cipher: (&'static str, &str), targets: &[SocketAddr]) -> Result<Tunnel> {
     let dir = lab.subdir(&format!("ssh-{}-{}", cipher.0, sshd.port))?;
     // A port free a moment ago can be taken meanwhile: try a few times.
     for attempt in 1..=3 {
-        let ports = [quiet_port()?, quiet_port()?];
+        let ports = targets.iter().map(|_| quiet_port()).collect::<Result<Vec<u16>>>()?;
         let mut cmd = Command::new("ssh");
         cmd.args(["-F", "/dev/null", "-N", "-c", cipher.1]);
         for opt in [
@@ -828,20 +924,20 @@ struct Site {
 }
 
 impl Site {
+    /// `targets`: the sink, the echo server and the source, in that order.
     fn start(
         lab: &Lab,
         cipher: (&'static str, &'static str),
-        sink: SocketAddr,
-        echo: SocketAddr,
+        targets: [SocketAddr; 3],
         report: &mut Report,
     ) -> Result<Site> {
         let sshd = Sshd::start(lab, &format!("sshd-{}", cipher.0), Some(cipher.1))?;
         let mut tunnels = Vec::new();
-        match start_jumpgate(lab, &sshd, cipher.0, [sink, echo], LOG_QUIET) {
+        match start_jumpgate(lab, &sshd, cipher.0, &targets, LOG_QUIET) {
             Ok(t) => tunnels.push(t),
             Err(e) => report.fail(Peer::Jumpgate, &format!("tunnel with {}", cipher.0), &e),
         }
-        match start_ssh(lab, &sshd, cipher, [sink, echo]) {
+        match start_ssh(lab, &sshd, cipher, &targets) {
             Ok(t) => tunnels.push(t),
             Err(e) => report.fail(Peer::Ssh, &format!("tunnel with {}", cipher.0), &e),
         }
@@ -851,7 +947,11 @@ impl Site {
             sshd.port,
             tunnels
                 .iter()
-                .map(|t| format!("{} (remote ports {}, {})", t.peer.name(), t.sink_port, t.echo_port))
+                .map(|t| format!(
+                    "{} (remote ports {}: sink, echo, source)",
+                    t.peer.name(),
+                    ports(&t.ports)
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -864,10 +964,15 @@ impl Site {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The bench's two upstreams: a sink that counts (or checks) bytes, and an echo server
+// The bench's three upstreams: a sink that counts (or checks) bytes, an echo server, and a
+// source that sends (the pattern, or zeros) as many bytes as it is asked for
 
 fn start_sink() -> Result<SocketAddr> {
     common::serve_sink(TcpListener::bind("127.0.0.1:0")?)
+}
+
+fn start_source() -> Result<SocketAddr> {
+    common::serve_source(TcpListener::bind("127.0.0.1:0")?)
 }
 
 /// A loopback echo server, a thread per connection: echoes until EOF, then closes. Counts the
@@ -940,18 +1045,27 @@ fn round_trip(addr: SocketAddr) -> Result<Duration> {
 // ---------------------------------------------------------------------------------------------
 // Measurements
 
-/// Byte-exact transfers with half-close and one echo round trip through every tunnel, first.
+/// Byte-exact transfers both ways, each with its half-close, and one echo round trip through every
+/// tunnel, first.
 fn verify(plan: &Plan, sites: &mut [Site], echo: &Echo, report: &mut Report) {
     println!(
-        "\n== byte-exact: {} MiB to the sink, half-close, one echo round trip ==",
-        plan.verify_bytes >> 20
+        "\n== byte-exact: {mib} MiB to the sink and {mib} MiB from the source, each with its half-close; \
+         one echo round trip ==",
+        mib = plan.verify_bytes >> 20
     );
     let mut ok = Vec::new();
     for site in sites.iter_mut() {
         for t in &mut site.tunnels {
             let before = echo.accepted.load(Ordering::SeqCst);
-            let checked = push(t.sink_addr(), plan.verify_bytes, true)
-                .context("byte-exact transfer with half-close")
+            let checked = t
+                .addr_for(Direction::ToDatabase)
+                .and_then(|addr| push(addr, plan.verify_bytes, true))
+                .context("byte-exact transfer service → database (to the sink) with half-close")
+                .and_then(|_| {
+                    let addr = t.addr_for(Direction::ToService)?;
+                    pull(addr, plan.verify_bytes, true)
+                        .context("byte-exact transfer database → service (from the source) with half-close")
+                })
                 .and_then(|_| round_trip(t.echo_addr()).context("echo round trip"))
                 .and_then(|_| {
                     let reached = echo.accepted.load(Ordering::SeqCst) - before;
@@ -971,34 +1085,45 @@ fn verify(plan: &Plan, sites: &mut [Site], echo: &Echo, report: &mut Report) {
         }
     }
     report.note(format!(
-        "{} MiB arrived byte-exact at the sink, the sink's answer after the pusher's half-close came \
-         back, and an echo round trip worked, through: {}",
-        plan.verify_bytes >> 20,
-        ok.join(", ")
+        "{mib} MiB arrived byte-exact at the sink, the sink's answer after the pusher's half-close came \
+         back, {mib} MiB came byte-exact from the source followed by its half-close, and an echo round \
+         trip worked, through: {}",
+        ok.join(", "),
+        mib = plan.verify_bytes >> 20,
     ));
 }
 
-fn throughput(plan: &Plan, sites: &mut [Site], sink: SocketAddr, report: &mut Report) {
+/// One direction's throughput: `plan.reps` repetitions, in each every tunnel in turn (and raw
+/// loopback to `upstream` first), back to back; the medians go into the report.
+fn throughput(plan: &Plan, sites: &mut [Site], dir: Direction, upstream: SocketAddr, report: &mut Report) {
+    let how = match dir {
+        Direction::ToDatabase => "pushed into sshd's remote port, to the sink",
+        Direction::ToService => "pulled from sshd's remote port, from the source",
+    };
     println!(
-        "\n== throughput: {} MiB per transfer into sshd's remote port, to the sink at {sink} ==",
+        "\n== throughput {}: {} MiB per transfer {how} at {upstream} ==",
+        dir.name(),
         plan.bytes >> 20
     );
     let gib = plan.bytes as f64 / f64::from(1u32 << 30);
     let mut raw = Vec::new();
     // Everything takes turns in each repetition, so a disturbance hits the peers alike.
     for rep in 1..=plan.reps {
-        match push(sink, plan.bytes, false) {
+        match dir.transfer(upstream, plan.bytes, false) {
             Ok(t) => {
                 println!("{:<9} rep {rep}: {:6.2} Gbit/s", "raw", gbit(plan.bytes, t));
                 raw.push(gbit(plan.bytes, t));
             }
-            Err(e) => report.note(format!("raw loopback: {e:#}")),
+            Err(e) => report.note(format!("raw loopback, {}: {e:#}", dir.name())),
         }
         for site in sites.iter_mut() {
             let sshd_pid = site.sshd.pid();
             for t in site.tunnels.iter_mut().filter(|t| !t.failed) {
                 let (server0, client0) = (cpu_seconds(sshd_pid), cpu_seconds(t.proc.pid()));
-                let result = push(t.sink_addr(), plan.bytes, false).and_then(|d| t.proc.alive().map(|()| d));
+                let result = t
+                    .addr_for(dir)
+                    .and_then(|addr| dir.transfer(addr, plan.bytes, false))
+                    .and_then(|d| t.proc.alive().map(|()| d));
                 match result {
                     Ok(d) => {
                         let server = (cpu_seconds(sshd_pid) - server0) / gib;
@@ -1009,26 +1134,32 @@ fn throughput(plan: &Plan, sites: &mut [Site], sink: SocketAddr, report: &mut Re
                             gbit(plan.bytes, d),
                             t.cipher
                         );
-                        t.gbit.push(gbit(plan.bytes, d));
-                        t.server_cpu.push(server);
-                        t.client_cpu.push(client);
+                        let samples = &mut t.samples[dir.index()];
+                        samples.gbit.push(gbit(plan.bytes, d));
+                        samples.server_cpu.push(server);
+                        samples.client_cpu.push(client);
                     }
                     Err(e) => {
                         t.failed = true;
-                        report.fail(t.peer, &format!("throughput with {}", t.cipher), &e);
+                        report.fail(t.peer, &format!("throughput {} with {}", dir.name(), t.cipher), &e);
                     }
                 }
             }
         }
     }
     if !raw.is_empty() {
-        report.add(M_RAW, Peer::Raw, median(&raw), "Gbit/s", true);
+        report.add(dir.raw_metric(), Peer::Raw, median(&raw), "Gbit/s", true);
     }
     let measured = |sites: &[Site]| -> Vec<(&'static str, Peer, [f64; 3])> {
         let mut out = Vec::new();
         for site in sites {
-            for t in site.tunnels.iter().filter(|t| !t.failed && !t.gbit.is_empty()) {
-                let values = [median(&t.gbit), median(&t.client_cpu), median(&t.server_cpu)];
+            for t in site
+                .tunnels
+                .iter()
+                .filter(|t| !t.failed && !t.samples(dir).gbit.is_empty())
+            {
+                let s = t.samples(dir);
+                let values = [median(&s.gbit), median(&s.client_cpu), median(&s.server_cpu)];
                 out.push((site.cipher, t.peer, values));
             }
         }
@@ -1036,42 +1167,55 @@ fn throughput(plan: &Plan, sites: &mut [Site], sink: SocketAddr, report: &mut Re
     };
     let rows = measured(sites);
     for (cipher, peer, [g, _, _]) in &rows {
-        report.add(&m_throughput(cipher), *peer, *g, "Gbit/s", true);
+        report.add(&m_throughput(dir, cipher), *peer, *g, "Gbit/s", true);
     }
     for (cipher, peer, [_, c, _]) in &rows {
-        report.add(&m_client_cpu(cipher), *peer, *c, "s/GiB", false);
+        report.add(&m_client_cpu(dir, cipher), *peer, *c, "s/GiB", false);
     }
     for (cipher, peer, [_, _, s]) in &rows {
-        report.add(&m_server_cpu(cipher), *peer, *s, "s/GiB", false);
+        report.add(&m_server_cpu(dir, cipher), *peer, *s, "s/GiB", false);
     }
     for site in sites.iter() {
-        for t in site.tunnels.iter().filter(|t| !t.failed && !t.gbit.is_empty()) {
-            if let Some(kb) = peak_rss_kb(t.proc.pid()) {
-                report.add(&m_client_rss(site.cipher), t.peer, kb as f64 / 1024.0, "MiB", false);
+        // Peak RSS once, after the first phase (service → database), as before the source existed.
+        if dir == Direction::ToDatabase {
+            for t in site
+                .tunnels
+                .iter()
+                .filter(|t| !t.failed && !t.samples(dir).gbit.is_empty())
+            {
+                if let Some(kb) = peak_rss_kb(t.proc.pid()) {
+                    report.add(&m_client_rss(site.cipher), t.peer, kb as f64 / 1024.0, "MiB", false);
+                }
             }
-        }
-        for t in site.tunnels.iter().filter(|t| !t.failed && !t.gbit.is_empty()) {
-            let session = sshd_session(site.sshd.pid(), site.sshd.port, t.proc.pid());
-            if let Some(kb) = session.and_then(|pid| {
-                std::iter::once(pid)
-                    .chain(descendants(pid))
-                    .filter_map(peak_rss_kb)
-                    .max()
-            }) {
-                report.add(&m_session_rss(site.cipher), t.peer, kb as f64 / 1024.0, "MiB", false);
+            for t in site
+                .tunnels
+                .iter()
+                .filter(|t| !t.failed && !t.samples(dir).gbit.is_empty())
+            {
+                let session = sshd_session(site.sshd.pid(), site.sshd.port, t.proc.pid());
+                if let Some(kb) = session.and_then(|pid| {
+                    std::iter::once(pid)
+                        .chain(descendants(pid))
+                        .filter_map(peak_rss_kb)
+                        .max()
+                }) {
+                    report.add(&m_session_rss(site.cipher), t.peer, kb as f64 / 1024.0, "MiB", false);
+                }
             }
         }
         let of = |peer| site.tunnels.iter().find(|t| t.peer == peer && !t.failed);
         if let (Some(jg), Some(ssh)) = (of(Peer::Jumpgate), of(Peer::Ssh)) {
             let ratios: Vec<String> = jg
+                .samples(dir)
                 .gbit
                 .iter()
-                .zip(&ssh.gbit)
+                .zip(&ssh.samples(dir).gbit)
                 .map(|(a, b)| format!("{:.2}", a / b))
                 .collect();
             report.note(format!(
-                "{}: jumpgate ÷ `ssh -R` throughput per repetition (each pair back to back): {}",
+                "{}, {}: jumpgate ÷ `ssh -R` throughput per repetition (each pair back to back): {}",
                 site.cipher,
+                dir.name(),
                 ratios.join(", ")
             ));
         }
@@ -1243,7 +1387,7 @@ fn recovery(plan: &Plan, lab: &Lab, sink: SocketAddr, echo: SocketAddr, report: 
     );
     let measured = (|| -> Result<()> {
         let mut sshd = Sshd::start(lab, "sshd-recovery", None)?;
-        let mut tunnel = start_jumpgate(lab, &sshd, "default", [sink, echo], LOG_RECOVERY)?;
+        let mut tunnel = start_jumpgate(lab, &sshd, "default", &[sink, echo], LOG_RECOVERY)?;
         for i in 1..=plan.restarts {
             let echo_addr = tunnel.echo_addr();
             round_trip(echo_addr).with_context(|| format!("the tunnel before restart {i}"))?;
@@ -1364,12 +1508,17 @@ impl Report {
     fn targets(&self) -> Vec<(String, Option<(String, bool)>)> {
         let ratio = |metric: &str| Some(self.value(metric, Peer::Jumpgate)? / self.value(metric, Peer::Ssh)?);
         let mut targets = Vec::new();
-        for (cipher, _) in CIPHERS {
-            let r = ratio(&m_throughput(cipher)).map(|r| (format!("{r:.2}×"), r >= THROUGHPUT_TARGET));
-            targets.push((
-                format!("throughput with {cipher}: jumpgate ≥ {THROUGHPUT_TARGET:.1}× `ssh -R`"),
-                r,
-            ));
+        for dir in DIRECTIONS {
+            for (cipher, _) in CIPHERS {
+                let r = ratio(&m_throughput(dir, cipher)).map(|r| (format!("{r:.2}×"), r >= THROUGHPUT_TARGET));
+                targets.push((
+                    format!(
+                        "throughput {} with {cipher}: jumpgate ≥ {THROUGHPUT_TARGET:.1}× `ssh -R`",
+                        dir.name()
+                    ),
+                    r,
+                ));
+            }
         }
         for (cipher, _) in CIPHERS {
             let r = ratio(&m_rate(cipher)).map(|r| (format!("{r:.2}×"), r >= RATE_TARGET));
@@ -1395,8 +1544,9 @@ impl Report {
         common::write_header(&mut md, "tunnel", "tunnel", plan.full, &machine());
         let _ = writeln!(
             md,
-            "- sizes: {} MiB per transfer × {} reps (median) per cipher, {} MiB checked byte-exact \
-             first; {} sequential connections per tunnel and cipher; {} sshd restart(s)",
+            "- sizes: {} MiB per transfer × {} reps (median) per cipher and direction, {} MiB checked \
+             byte-exact each way first; {} sequential connections per tunnel and cipher; {} sshd \
+             restart(s)",
             plan.bytes >> 20,
             plan.reps,
             plan.verify_bytes >> 20,
@@ -1408,13 +1558,17 @@ impl Report {
             "- method: one OpenSSH sshd per cipher (its `Ciphers` names only that one), logging in \
              `{user}` with one ed25519 key; on it a jumpgate tunnel (`run`, `[log] level = \"warn\"`, \
              keepalive 10 s × 1) and `ssh -N -R` (ServerAliveInterval 10, ServerAliveCountMax 1, \
-             ExitOnForwardFailure), each asking for `localhost:P1` → the sink and `localhost:P2` → \
-             the echo server. Throughput: a std thread writes 1 MiB chunks into P1 on sshd's side, \
-             half-closes, and the time runs until the sink (a thread of the bench, dropping bytes \
-             with recv MSG_TRUNC) answers the count back through the tunnel; CPU from \
-             /proc/PID/stat of the tunnel client process and of sshd's process tree; peak RSS \
-             (VmHWM) of the client and of the sshd session process serving it, after the \
-             transfers. Connection rate: connect to P2, {}-byte round trip, half-close, wait for \
+             ExitOnForwardFailure), each asking for `localhost:P1` → the sink, `localhost:P2` → \
+             the echo server and `localhost:P3` → the source. Throughput service → database: a std \
+             thread writes 1 MiB chunks into P1 on sshd's side, half-closes, and the time runs until \
+             the sink (a thread of the bench, dropping bytes with recv MSG_TRUNC) answers the count \
+             back through the tunnel. Throughput database → service: a std thread connects to P3 on \
+             sshd's side and asks for the bytes (9-byte request); the source (a thread of the bench) \
+             writes them in 1 MiB chunks and half-closes; the time runs until that EOF arrives, the \
+             reader dropping bytes with recv MSG_TRUNC. Each direction is its own phase (service → \
+             database first); CPU from /proc/PID/stat of the tunnel client process and of sshd's \
+             process tree; peak RSS (VmHWM) of the client and of the sshd session process serving \
+             it, after the service → database transfers. Connection rate: connect to P2, {}-byte round trip, half-close, wait for \
              the echo server's close; the two tunnels take turns; a connection of ≥ {STALL_MS:.0} ms \
              waited for a delayed ACK. Recovery: a separate sshd (default ciphers) and jumpgate \
              tunnel; sshd and its session processes SIGKILLed, sshd started again on the same \
@@ -1433,8 +1587,15 @@ impl Report {
         );
         let _ = writeln!(md, "| metric | peer | value | × raw | jumpgate ÷ ssh -R |");
         let _ = writeln!(md, "|---|---|---:|---:|---:|");
-        let raw = self.value(M_RAW, Peer::Raw);
+        // The raw loopback transfer of a throughput metric's own direction.
+        let raw_of = |metric: &str| {
+            let dir = DIRECTIONS
+                .into_iter()
+                .find(|&d| CIPHERS.iter().any(|(c, _)| m_throughput(d, c) == metric))?;
+            self.value(dir.raw_metric(), Peer::Raw)
+        };
         for metric in self.metrics() {
+            let raw = raw_of(metric);
             for row in self.rows.iter().filter(|r| r.metric == metric) {
                 let vs_raw = match raw {
                     Some(raw) if row.unit == "Gbit/s" && row.peer != Peer::Raw => format!("{:.2}", row.value / raw),

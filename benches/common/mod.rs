@@ -1,6 +1,6 @@
-//! Pieces the three benches share: the sink and its client, the report table's rows, notes and
-//! target list, Markdown helpers, machine facts and /proc readers. Each bench is its own crate and
-//! uses only some of this.
+//! Pieces the three benches share: the sink and its client, the source and its client, the report
+//! table's rows, notes and target list, Markdown helpers, machine facts and /proc readers. Each
+//! bench is its own crate and uses only some of this.
 #![allow(dead_code)]
 
 use std::{
@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 pub const CHUNK: usize = 1 << 20;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -306,18 +306,24 @@ pub fn cpu_seconds(pid: i32) -> f64 {
 
 /// Serves the sink on `listener`, a thread per connection; returns its address.
 pub fn serve_sink(listener: TcpListener) -> Result<SocketAddr> {
+    serve(listener, "sink", sink_conn)
+}
+
+/// Accepts on `listener` in a thread named `name`, and runs `conn` on each connection in a thread
+/// of its own, printing its error if any; returns the listener's address.
+fn serve(listener: TcpListener, name: &'static str, conn: fn(TcpStream) -> io::Result<()>) -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
-    thread::Builder::new().name("sink".into()).spawn(move || {
+    thread::Builder::new().name(name.into()).spawn(move || {
         for stream in listener.incoming() {
             match stream {
                 Ok(stream) => {
-                    let spawned = thread::Builder::new().name("sink-conn".into()).spawn(|| {
-                        if let Err(e) = sink_conn(stream) {
-                            eprintln!("sink: {e}");
+                    let spawned = thread::Builder::new().name(format!("{name}-conn")).spawn(move || {
+                        if let Err(e) = conn(stream) {
+                            eprintln!("{name}: {e}");
                         }
                     });
                     if let Err(e) = spawned {
-                        eprintln!("sink: {e}");
+                        eprintln!("{name}: {e}");
                     }
                 }
                 Err(_) => thread::sleep(Duration::from_millis(10)),
@@ -434,6 +440,107 @@ pub fn push(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
         .read(&mut [0u8; 1])
         .context("waiting for the close after the count")?;
     ensure!(n == 0, "data after the sink's count");
+    Ok(elapsed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput the other way: a source that sends as many bytes as it is asked for, then closes
+
+/// A transfer of the source that takes longer than this failed (a floor of 4 MiB/s on average,
+/// after [`IO_TIMEOUT`] of slack): the source and [`pull`] stop there.
+pub fn transfer_bound(bytes: u64) -> Duration {
+    IO_TIMEOUT + Duration::from_secs(bytes >> 22)
+}
+
+/// Serves the source on `listener`, a thread per connection; returns its address.
+pub fn serve_source(listener: TcpListener) -> Result<SocketAddr> {
+    serve(listener, "source", source_conn)
+}
+
+/// The request: the mode byte (`T`: any bytes, here zeros; `V`: the bytes of [`fill_pattern`]) and
+/// the length (8 bytes LE). Writes exactly that many bytes in [`CHUNK`] writes, half-closes, and
+/// waits (at most [`IO_TIMEOUT`]) for the peer to close after it has read them all.
+pub fn source_conn(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut request = [0u8; 9];
+    stream.read_exact(&mut request)?;
+    let verify = match request[0] {
+        b'T' => false,
+        b'V' => true,
+        other => return Err(io::Error::other(format!("unknown source mode {other}"))),
+    };
+    let mut length = [0u8; 8];
+    length.copy_from_slice(&request[1..]);
+    let bytes = u64::from_le_bytes(length);
+    let deadline = Instant::now() + transfer_bound(bytes);
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "sent only {sent} of {bytes} bytes in {:?}",
+                transfer_bound(bytes)
+            )));
+        }
+        let n = CHUNK.min((bytes - sent) as usize);
+        if verify {
+            fill_pattern(&mut buf[..n], sent);
+        }
+        stream.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    // The peer closes once it has read to the EOF; closing first could cut what is still on its way.
+    match stream.read(&mut [0u8; 1])? {
+        0 => Ok(()),
+        _ => Err(io::Error::other("data from the peer after its request")),
+    }
+}
+
+/// Asks the source behind `addr` for `bytes` (`verify`: the pattern, checked here; else any bytes,
+/// discarded in the kernel) and reads to the EOF. The time runs from the request to the EOF, so it
+/// covers every byte arriving and the half-close behind them; fails unless exactly `bytes` came.
+pub fn pull(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
+    let mut stream = connect(addr)?;
+    let start = Instant::now();
+    let deadline = start + transfer_bound(bytes);
+    let mut request = [0u8; 9];
+    request[0] = if verify { b'V' } else { b'T' };
+    request[1..].copy_from_slice(&bytes.to_le_bytes());
+    stream
+        .write_all(&request)
+        .context("sending the request to the source")?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut expect = if verify { vec![0u8; CHUNK] } else { Vec::new() };
+    let mut got = 0u64;
+    loop {
+        let n = if verify {
+            stream.read(&mut buf)
+        } else {
+            recv_discard(&stream, &mut buf)
+        }
+        .with_context(|| format!("reading at byte {got} of {bytes}"))?;
+        if n == 0 {
+            break;
+        }
+        if verify {
+            fill_pattern(&mut expect[..n], got);
+            if buf[..n] != expect[..n] {
+                let at = buf[..n].iter().zip(&expect[..n]).position(|(a, b)| a != b).unwrap_or(0);
+                bail!("bytes arrived altered (pattern mismatch at byte {})", got + at as u64);
+            }
+        }
+        got += n as u64;
+        ensure!(got <= bytes, "more than the {bytes} bytes asked for arrived");
+        ensure!(
+            Instant::now() < deadline,
+            "only {got} of {bytes} bytes arrived in {:?}",
+            transfer_bound(bytes)
+        );
+    }
+    let elapsed = start.elapsed();
+    ensure!(got == bytes, "the EOF came after {got} of {bytes} bytes");
     Ok(elapsed)
 }
 
