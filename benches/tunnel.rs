@@ -1086,7 +1086,7 @@ fn verify(plan: &Plan, sites: &mut [Site], echo: &Echo, report: &mut Report) {
     }
     report.note(format!(
         "{mib} MiB arrived byte-exact at the sink, the sink's answer after the pusher's half-close came \
-         back, {mib} MiB came byte-exact from the source followed by its half-close, and an echo round \
+         back, {mib} MiB came byte-exact from the source followed by its half-close (and the reader's close went back to it), and an echo round \
          trip worked, through: {}",
         ok.join(", "),
         mib = plan.verify_bytes >> 20,

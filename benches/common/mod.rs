@@ -13,6 +13,7 @@ use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -493,15 +494,24 @@ pub fn source_conn(mut stream: TcpStream) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)?;
     // The peer closes once it has read to the EOF; closing first could cut what is still on its way.
     match stream.read(&mut [0u8; 1])? {
-        0 => Ok(()),
+        0 => {
+            SOURCE_CLOSES.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
         _ => Err(io::Error::other("data from the peer after its request")),
     }
 }
+
+/// Connections whose peer's close reached the source after all their bytes.
+static SOURCE_CLOSES: AtomicUsize = AtomicUsize::new(0);
+/// How long the reader's close may take to reach the source.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
 
 /// Asks the source behind `addr` for `bytes` (`verify`: the pattern, checked here; else any bytes,
 /// discarded in the kernel) and reads to the EOF. The time runs from the request to the EOF, so it
 /// covers every byte arriving and the half-close behind them; fails unless exactly `bytes` came.
 pub fn pull(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
+    let closes = SOURCE_CLOSES.load(Ordering::SeqCst);
     let mut stream = connect(addr)?;
     let start = Instant::now();
     let deadline = start + transfer_bound(bytes);
@@ -541,6 +551,16 @@ pub fn pull(addr: SocketAddr, bytes: u64, verify: bool) -> Result<Duration> {
     }
     let elapsed = start.elapsed();
     ensure!(got == bytes, "the EOF came after {got} of {bytes} bytes");
+    // Our close must travel back to the source too (pulls run one at a time).
+    drop(stream);
+    let deadline = Instant::now() + CLOSE_BOUND;
+    while SOURCE_CLOSES.load(Ordering::SeqCst) == closes {
+        ensure!(
+            Instant::now() < deadline,
+            "the reader's close did not reach the source within {CLOSE_BOUND:?}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     Ok(elapsed)
 }
 
