@@ -27,7 +27,7 @@ use metrics::Counter;
 use tokio::net::TcpStream;
 
 mod inlet;
-pub use inlet::{Inlet, InletRx, inlet};
+pub use inlet::{InletRx, Inlets};
 
 /// Which side of a relay failed: a metric label and a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,15 @@ pub struct RelayError {
     pub side: Side,
     #[source]
     pub source: io::Error,
+}
+
+impl RelayError {
+    fn upstream(source: io::Error) -> RelayError {
+        RelayError {
+            side: Side::Upstream,
+            source,
+        }
+    }
 }
 
 /// Byte counts of one relayed connection, also fed to the route's counters.
@@ -155,10 +164,7 @@ where
     let up = inlet.pump(tcp, meter);
     let down = async {
         loop {
-            tcp.readable().await.map_err(|source| RelayError {
-                side: Side::Upstream,
-                source,
-            })?;
+            tcp.readable().await.map_err(RelayError::upstream)?;
             let mut buf = bytes::BytesMut::with_capacity(CHANNEL_CHUNK);
             match tcp.try_read_buf(&mut buf) {
                 Ok(0) => {
@@ -170,12 +176,7 @@ where
                     meter.add(Dir::Down, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(RelayError {
-                        side: Side::Upstream,
-                        source,
-                    });
-                }
+                Err(e) => return Err(RelayError::upstream(e)),
             }
         }
     };

@@ -15,7 +15,6 @@
 //! server still holds for a dead session is the normal case after a crash:
 //! the forward is refused until the server drops it, and we keep retrying.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +33,7 @@ use crate::config::{Host, RemoteConfig, ServerKey, TunnelConfig};
 use crate::daemon::Activity;
 use crate::dns::Watch;
 use crate::metrics as m;
-use crate::relay::{self, Inlet, InletRx, Meter};
+use crate::relay::{InletRx, Inlets, Meter};
 use crate::ssh::keys;
 use crate::upstream;
 
@@ -325,7 +324,7 @@ impl Session<'_> {
                 events: events.clone(),
                 cut: cut.clone(),
                 conns: conns.clone(),
-                inlets: HashMap::new(),
+                inlets: Inlets::default(),
             };
             let mut handle = client::connect_stream(Arc::new(client_config(config)), SshSocket::new(tcp), handler)
                 .await
@@ -540,7 +539,7 @@ struct ClientHandler {
     conns: TaskTracker,
     /// The forwarded connections' inbound halves: their data is written to
     /// the database from this (the session's) task.
-    inlets: HashMap<ChannelId, Inlet>,
+    inlets: Inlets,
 }
 
 impl ClientHandler {
@@ -636,10 +635,7 @@ impl client::Handler for ClientHandler {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
             return Ok(());
         };
-        // Connections whose relay has ended (or whose database refused).
-        self.inlets.retain(|_, inlet| !inlet.is_gone());
-        let (inlet, inlet_rx) = relay::inlet();
-        self.inlets.insert(channel.id(), inlet);
+        let inlet_rx = self.inlets.open(channel.id());
         let origin = format!("{originator_address}:{originator_port}");
         let span = info_span!("tunnel_conn", tunnel = %self.shared.config.name, port = remote.port, %origin);
         let task = Forwarded {
@@ -659,22 +655,17 @@ impl client::Handler for ClientHandler {
         data: &[u8],
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        if let Some(inlet) = self.inlets.get(&channel) {
-            inlet.data(data).await;
-        }
+        self.inlets.data(channel, data).await;
         Ok(())
     }
 
     async fn channel_eof(&mut self, channel: ChannelId, _session: &mut client::Session) -> Result<(), Self::Error> {
-        if let Some(inlet) = self.inlets.get(&channel) {
-            inlet.eof();
-        }
+        self.inlets.eof(channel);
         Ok(())
     }
 
     async fn channel_close(&mut self, channel: ChannelId, _session: &mut client::Session) -> Result<(), Self::Error> {
-        // Dropping the inlet tells the relay.
-        self.inlets.remove(&channel);
+        self.inlets.close(channel);
         Ok(())
     }
 }

@@ -12,14 +12,16 @@
 //! that bound, not the SSH window (russh re-opens it on receipt,
 //! `docs/russh-flow-control.md`), is what limits a slow database's backlog.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use bytes::{Buf, BytesMut};
+use russh::ChannelId;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::{Dir, Meter, RelayError, Side, finish};
+use super::{Dir, Meter, RelayError, finish};
 
 /// Unwritten bytes one connection may hold before the session waits for its
 /// database. Large on purpose: while the session waits it reads nothing from
@@ -32,12 +34,11 @@ pub const LIMIT: usize = 128 * 1024 * 1024;
 
 #[derive(Default)]
 struct Outbox {
-    /// Bytes the socket did not take yet, in order. Freed whenever it
-    /// empties: an idle connection holds no buffer.
+    /// Bytes the socket did not take yet (or that came before it was
+    /// attached), in order. While it holds any, the relay's task writes and
+    /// the handler only appends. Freed whenever it empties: an idle
+    /// connection holds no buffer.
     buf: BytesMut,
-    /// `buf` is not empty (or the socket is not attached yet): the relay's
-    /// task writes until it is, the handler only appends.
-    relay_writes: bool,
     /// The channel's EOF arrived: the socket's write side is shut down once
     /// `buf` is written.
     eof: bool,
@@ -111,8 +112,43 @@ impl Shared {
     }
 }
 
+/// One SSH session's inlets, by channel: what its handler (the ssh role's
+/// or the tunnel's) feeds from russh's `data`, `channel_eof` and
+/// `channel_close` callbacks.
+#[derive(Default)]
+pub struct Inlets(HashMap<ChannelId, Inlet>);
+
+impl Inlets {
+    /// A channel being opened: its relay's end. Forgets channels whose relay
+    /// has ended (or whose database refused).
+    pub fn open(&mut self, channel: ChannelId) -> InletRx {
+        self.0.retain(|_, inlet| !inlet.is_gone());
+        let (inlet, rx) = inlet();
+        self.0.insert(channel, inlet);
+        rx
+    }
+
+    /// Channel data, in the session's task.
+    pub async fn data(&self, channel: ChannelId, data: &[u8]) {
+        if let Some(inlet) = self.0.get(&channel) {
+            inlet.data(data).await;
+        }
+    }
+
+    pub fn eof(&self, channel: ChannelId) {
+        if let Some(inlet) = self.0.get(&channel) {
+            inlet.eof();
+        }
+    }
+
+    /// The channel closed: dropping its inlet tells the relay.
+    pub fn close(&mut self, channel: ChannelId) {
+        self.0.remove(&channel);
+    }
+}
+
 /// The session handler's end of one channel.
-pub struct Inlet {
+struct Inlet {
     shared: Arc<Shared>,
 }
 
@@ -122,7 +158,7 @@ pub struct InletRx {
 }
 
 /// A channel's two ends: the handler's and the relay's.
-pub fn inlet() -> (Inlet, InletRx) {
+fn inlet() -> (Inlet, InletRx) {
     with_limit(LIMIT)
 }
 
@@ -140,7 +176,7 @@ fn with_limit(limit: usize) -> (Inlet, InletRx) {
 impl Inlet {
     /// Channel data: written now as far as the socket takes it, the rest left
     /// to the relay; waits while [`LIMIT`] bytes are unwritten.
-    pub async fn data(&self, mut data: &[u8]) {
+    async fn data(&self, mut data: &[u8]) {
         loop {
             let room = self.shared.drained.notified();
             tokio::pin!(room);
@@ -149,7 +185,7 @@ impl Inlet {
                 if o.gone || o.closed || o.failed.is_some() {
                     return;
                 }
-                if !o.relay_writes {
+                if o.buf.is_empty() {
                     // Nothing waits to be written: straight to the socket.
                     match self.shared.write_now(data) {
                         Ok(n) => data = &data[n..],
@@ -162,7 +198,7 @@ impl Inlet {
                     if data.is_empty() {
                         return;
                     }
-                    o.relay_writes = true;
+                    // The rest goes to `buf`: the relay's turn.
                     self.shared.wake.notify_one();
                 }
                 if o.buf.len() < self.shared.limit {
@@ -177,13 +213,13 @@ impl Inlet {
 
     /// The channel's EOF: the database's write side is shut down after the
     /// bytes before it.
-    pub fn eof(&self) {
+    fn eof(&self) {
         self.shared.lock().eof = true;
         self.shared.wake.notify_one();
     }
 
     /// Whether the relay has ended (or never started): the inlet can go.
-    pub fn is_gone(&self) -> bool {
+    fn is_gone(&self) -> bool {
         self.shared.lock().gone
     }
 }
@@ -206,10 +242,7 @@ impl InletRx {
     /// Writes what the handler left to the relay, until the channel's EOF
     /// (Ok(true), `tcp`'s write side shut down) or its close (Ok(false)).
     pub(super) async fn pump(&self, tcp: &TcpStream, meter: &Meter) -> Result<bool, RelayError> {
-        let upstream = |source| RelayError {
-            side: Side::Upstream,
-            source,
-        };
+        let upstream = RelayError::upstream;
         loop {
             let blocked = {
                 let mut o = self.shared.lock();
@@ -220,9 +253,6 @@ impl InletRx {
                 };
                 if o.buf.len() != before {
                     self.shared.drained.notify_waiters();
-                }
-                if !blocked {
-                    o.relay_writes = false;
                 }
                 if let Some(e) = o.failed.take() {
                     return Err(upstream(e));
@@ -271,6 +301,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::relay::Side;
 
     /// (the relay's socket to the database, the database's end)
     async fn pair() -> (Arc<TcpStream>, TcpStream) {

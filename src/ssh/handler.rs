@@ -8,7 +8,6 @@
 //! every resolved address is checked against `[ssh] deny`, and only then is
 //! the database dialled; the channel is confirmed once the database answers.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +24,7 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::dns::Watch;
 use crate::metrics as m;
 use crate::policy::{Connect, Decision, PermitOpen};
-use crate::relay::{self, Inlet, InletRx, Meter};
+use crate::relay::{InletRx, Inlets, Meter};
 use crate::ssh::keys;
 use crate::ssh::server::{CHANNEL_CONNECT_TIMEOUT, FIRST_ANSWER_WAIT, Shared};
 use crate::upstream::{self, ConnectError};
@@ -49,7 +48,7 @@ pub struct Handler {
     active: bool,
     /// The open channels' inbound halves: their data is written to the
     /// database from this (the session's) task.
-    inlets: HashMap<ChannelId, Inlet>,
+    inlets: Inlets,
 }
 
 impl Handler {
@@ -69,7 +68,7 @@ impl Handler {
             cut,
             conns,
             active: false,
-            inlets: HashMap::new(),
+            inlets: Inlets::default(),
         }
     }
 
@@ -347,31 +346,23 @@ impl russh::server::Handler for Handler {
             cut: self.cut.clone(),
         };
         let span = info_span!("channel", user = %user.name, target = %task.target);
-        // Channels whose relay has ended (or whose database refused).
-        self.inlets.retain(|_, inlet| !inlet.is_gone());
-        let (inlet, inlet_rx) = relay::inlet();
-        self.inlets.insert(channel.id(), inlet);
+        let inlet_rx = self.inlets.open(channel.id());
         self.conns.spawn(task.run(channel, inlet_rx, reply).instrument(span));
         Ok(())
     }
 
     async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
-        if let Some(inlet) = self.inlets.get(&channel) {
-            inlet.data(data).await;
-        }
+        self.inlets.data(channel, data).await;
         Ok(())
     }
 
     async fn channel_eof(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
-        if let Some(inlet) = self.inlets.get(&channel) {
-            inlet.eof();
-        }
+        self.inlets.eof(channel);
         Ok(())
     }
 
     async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
-        // Dropping the inlet tells the relay.
-        self.inlets.remove(&channel);
+        self.inlets.close(channel);
         Ok(())
     }
 }
