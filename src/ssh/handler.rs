@@ -127,10 +127,13 @@ impl Handler {
         Ok((index, entry.options.permitopen.clone()))
     }
 
-    fn refuse_channel(&self, kind: &str) {
+    /// Refuses a channel of any kind but direct-tcpip: counted, audited, rejected.
+    async fn refuse_channel(&self, kind: &str, reply: ChannelOpenHandle) -> Result<(), russh::Error> {
         self.shared.metrics.channels_denied.increment(1);
         info!(target: "audit", event = "channel_open", peer = %self.peer, kind, decision = "denied",
             reason = "only direct-tcpip channels are allowed");
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
     }
 }
 
@@ -207,9 +210,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("session");
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-        Ok(())
+        self.refuse_channel("session", reply).await
     }
 
     async fn channel_open_x11(
@@ -220,9 +221,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("x11");
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-        Ok(())
+        self.refuse_channel("x11", reply).await
     }
 
     async fn channel_open_forwarded_tcpip(
@@ -235,9 +234,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("forwarded-tcpip");
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-        Ok(())
+        self.refuse_channel("forwarded-tcpip", reply).await
     }
 
     async fn channel_open_direct_streamlocal(
@@ -247,9 +244,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.refuse_channel("direct-streamlocal");
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-        Ok(())
+        self.refuse_channel("direct-streamlocal", reply).await
     }
 
     async fn tcpip_forward(
