@@ -97,12 +97,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves the admin endpoint on `listener` until `stop` fires.
-pub async fn serve(
-    listener: TcpListener,
-    health: Arc<Health>,
-    prometheus: PrometheusHandle,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, health: Arc<Health>, prometheus: PrometheusHandle, stop: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -116,11 +111,11 @@ pub async fn serve(
                 Ok(pair) => pair,
                 Err(e) => {
                     warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(crate::forward::ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
-            () = stop.cancelled() => return Ok(()),
+            () = stop.cancelled() => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%peer, "admin: too many connections; closing this one");

@@ -48,8 +48,8 @@ pub enum Command {
     /// Write a new OpenSSH key pair: PATH (private, mode 0600) and PATH.pub.
     Keygen {
         /// Key type.
-        #[arg(long = "type", value_enum, default_value_t = KeyType::Ed25519)]
-        key_type: KeyType,
+        #[arg(long = "type", value_enum, default_value_t = HostKeyType::Ed25519)]
+        key_type: HostKeyType,
         /// Where to write the private key; the public key goes to PATH.pub. An existing file is never overwritten.
         #[arg(long)]
         out: PathBuf,
@@ -84,14 +84,6 @@ pub enum Command {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-}
-
-/// Key types `keygen` writes.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum KeyType {
-    Ed25519,
-    Ecdsa,
-    Rsa,
 }
 
 /// Runs the parsed command and returns the process exit code.
@@ -132,7 +124,7 @@ fn probe_targets(path: &Path) -> ExitCode {
     if let Some(ssh) = &config.ssh {
         for rule in &ssh.policy.allow {
             match &rule.target {
-                crate::policy::RuleTarget::Host(_) if !rule.label.contains('*') => {
+                crate::policy::RuleTarget::Host(pattern) if pattern.exact().is_some() => {
                     for &port in &rule.ports {
                         targets.push((
                             format!("ssh allow {}", rule.label),
@@ -207,15 +199,9 @@ fn probe_targets(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn keygen(key_type: KeyType, out: &Path) -> ExitCode {
-    let kind = match key_type {
-        KeyType::Ed25519 => HostKeyType::Ed25519,
-        KeyType::Ecdsa => HostKeyType::Ecdsa,
-        KeyType::Rsa => HostKeyType::Rsa,
-    };
-    let mut pub_path = out.as_os_str().to_owned();
-    pub_path.push(".pub");
-    if out.exists() || Path::new(&pub_path).exists() {
+fn keygen(kind: HostKeyType, out: &Path) -> ExitCode {
+    let pub_path = keys::pub_path(out);
+    if out.exists() || pub_path.exists() {
         eprintln!(
             "error: {} or its .pub exists already: jumpgate never overwrites a key (move it away or pick another --out)",
             out.display()
@@ -226,7 +212,7 @@ fn keygen(key_type: KeyType, out: &Path) -> ExitCode {
         Ok(key) => {
             println!("{}", keys::fingerprint_line(key.public_key()));
             println!("private key: {} (mode 0600)", out.display());
-            println!("public key:  {}", Path::new(&pub_path).display());
+            println!("public key:  {}", pub_path.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -243,10 +229,8 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
     let mut failed = false;
     let mut tunnels = Vec::new();
     for t in &config.tunnel {
-        let mut pub_path = t.identity.as_os_str().to_owned();
-        pub_path.push(".pub");
         let public_key = keys::read_any_public(&t.identity)
-            .or_else(|_| keys::read_any_public(Path::new(&pub_path)))
+            .or_else(|_| keys::read_any_public(&keys::pub_path(&t.identity)))
             .and_then(|k| {
                 k.to_openssh().map_err(|e| keys::KeyError::Read {
                     path: t.identity.display().to_string(),
@@ -266,7 +250,7 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
                 "tunnel": t.name,
                 "host": "localhost",
                 "port": r.port,
-                "ssh_host": match &t.server.host { Host::Ip(ip) => ip.to_string(), Host::Name(n) => n.clone() },
+                "ssh_host": t.server.host.to_string(),
                 "ssh_port": t.server.port,
                 "ssh_server": t.server.to_string(),
                 "ssh_user": t.user,
@@ -293,7 +277,7 @@ fn setup_info(path: &Path, json: bool) -> ExitCode {
                     keys.push(format!("keys in {}", path.display()));
                 }
                 if let Some(group) = &u.service_group {
-                    let cached = config.state_dir.join(format!("service_group_{group}.pub"));
+                    let cached = crate::ssh::keyfile::GroupKey::cache_path(&config.state_dir, group);
                     match std::fs::read_to_string(&cached) {
                         Ok(line) => keys.push(format!("the service's key for group {group}: {}", line.trim())),
                         Err(_) => keys.push(format!("the service's key for group {group} (fetched from its API at start)")),
@@ -389,7 +373,7 @@ fn register_fingerprint(path: &Path, connection: &str, api_url: Option<&str>) ->
             let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
             match (var("FIVETRAN_API_KEY"), var("FIVETRAN_API_SECRET")) {
                 (Some(k), Some(s)) => (
-                    "https://api.fivetran.com".to_string(),
+                    crate::config::DEFAULT_API_URL.to_string(),
                     crate::service::Secret::new(k.trim()),
                     crate::service::Secret::new(s.trim()),
                 ),

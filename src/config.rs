@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::{AllowRule, PermitOpen, Policy};
+use crate::policy::{AllowRule, PermitOpen, Policy, parse_cidr};
 use crate::service::Secret;
 use std::sync::Arc;
 
@@ -329,8 +329,11 @@ struct RawService {
     refresh: String,
 }
 
+/// `[service] api_url` when not set; also `register-fingerprint`'s default.
+pub const DEFAULT_API_URL: &str = "https://api.fivetran.com";
+
 fn default_api_url() -> String {
-    "https://api.fivetran.com".into()
+    DEFAULT_API_URL.into()
 }
 fn default_refresh() -> String {
     "1h".into()
@@ -429,7 +432,8 @@ impl fmt::Display for HostKeySource {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Also `keygen --type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HostKeyType {
     Ed25519,
     Ecdsa,
@@ -536,12 +540,21 @@ pub struct Target {
     pub port: u16,
 }
 
+/// The bare address or name (no brackets).
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.host {
             Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
-            Host::Name(name) => write!(f, "{name}:{}", self.port),
+            host => write!(f, "{host}:{}", self.port),
         }
     }
 }
@@ -922,10 +935,7 @@ impl RawTunnel {
         let how = format!(
             "get it with `ssh-keyscan -p {port} {host} | ssh-keygen -lf -` and compare it with what the service shows",
             port = server.port,
-            host = match &server.host {
-                Host::Ip(ip) => ip.to_string(),
-                Host::Name(n) => n.clone(),
-            }
+            host = server.host,
         );
         let server_key = match (self.server_fingerprint, self.known_hosts) {
             (Some(_), Some(_)) => {
@@ -1292,25 +1302,6 @@ fn parse_on_change(cx: &Ctx, table: &str, text: &str) -> Result<OnChange, Config
             format!("unknown value {other:?} (write \"keep\" or \"close\")"),
         )),
     }
-}
-
-/// "10.0.0.0/16", "2001:db8::/32", or a bare address (a /32 or /128).
-fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
-    if let Ok(net) = text.parse::<ipnet::IpNet>() {
-        if net.trunc() != net {
-            return Err(format!(
-                "{text:?} has host bits set (write {:?})",
-                net.trunc().to_string()
-            ));
-        }
-        return Ok(net);
-    }
-    if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(ipnet::IpNet::from(ip));
-    }
-    Err(format!(
-        "not a CIDR: {text:?} (write e.g. \"10.0.0.0/16\" or \"203.0.113.7/32\")"
-    ))
 }
 
 /// Below this the watcher could spin on a TTL-0 record.

@@ -323,14 +323,15 @@ impl App {
         } = self;
 
         let service = match &config.service {
-            Some(s) => Some(
+            Some(s) => Some((
                 ServiceClient::new(&s.api_url, s.api_key.clone(), s.api_secret.clone()).map_err(|why| {
                     StartError::Service {
                         file: config.file.clone(),
                         why,
                     }
                 })?,
-            ),
+                s,
+            )),
             None => None,
         };
         let stop_accepting = CancellationToken::new();
@@ -344,11 +345,7 @@ impl App {
         }
         {
             let (health, prometheus, stop) = (health.clone(), prometheus.clone(), background.clone());
-            tasks.spawn(async move {
-                if let Err(e) = admin::serve(admin, health, prometheus, stop).await {
-                    warn!(error = %e, "admin endpoint stopped");
-                }
-            });
+            tasks.spawn(admin::serve(admin, health, prometheus, stop));
         }
         {
             let (prometheus, stop) = (prometheus.clone(), background.clone());
@@ -372,20 +369,19 @@ impl App {
                 info!(command = %cmd, "ssh ready to use");
                 eprintln!("ssh: try  {cmd}");
             }
-            if let Some(client) = &service {
-                let refresh = config.service.as_ref().map_or(Duration::from_secs(3600), |s| s.refresh);
+            if let Some((client, svc)) = &service {
                 for group in server.group_keys() {
                     let span = info_span!("service", group = %group.group);
-                    tasks.spawn(refresh_group_key(client.clone(), group, refresh, background.clone()).instrument(span));
+                    tasks.spawn(
+                        refresh_group_key(client.clone(), group, svc.refresh, background.clone()).instrument(span),
+                    );
                 }
-                let ids = config
-                    .service
-                    .as_ref()
-                    .map(|s| s.connection_ids.clone())
-                    .unwrap_or_default();
-                if !ids.is_empty() {
+                if !svc.connection_ids.is_empty() {
                     let keys = server.host_public_keys();
-                    tasks.spawn(register_fingerprints(client.clone(), ids, keys).instrument(info_span!("service")));
+                    tasks.spawn(
+                        register_fingerprints(client.clone(), svc.connection_ids.clone(), keys)
+                            .instrument(info_span!("service")),
+                    );
                 }
             }
             tasks.spawn(server.serve(stop_accepting.clone(), cut.clone(), conns.clone()));

@@ -37,11 +37,9 @@ const LISTEN_BACKLOG: u32 = 4096;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 const KEEPALIVE_PROBES: u32 = 4;
-/// A client on a proxy_protocol listener must send its header within this.
-const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after an accept error such as EMFILE, so a full descriptor table
-/// does not turn the accept loop into a busy loop.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// does not turn the accept loop into a busy loop (every listener's).
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// A bound forward route, not serving yet.
 pub struct Forwarder {
@@ -172,7 +170,7 @@ impl Route {
         // Behind a load balancer with proxy protocol on, the header says who
         // the client really is; without a valid one the connection is dropped.
         let (peer, endpoint) = if self.config.proxy_protocol {
-            match Box::pin(proxy_protocol::read_header(&mut client, PROXY_HEADER_TIMEOUT)).await {
+            match Box::pin(proxy_protocol::read_header(&mut client, proxy_protocol::HEADER_TIMEOUT)).await {
                 Ok(h) => (h.source.unwrap_or(peer), h.aws_vpce_id),
                 Err(e) => {
                     self.metrics.proxy_rejected.increment(1);

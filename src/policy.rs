@@ -17,27 +17,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-/// What a client asked to connect to, normalised for comparison.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
-    /// An IP literal, IPv4-mapped IPv6 folded to IPv4.
-    Ip(IpAddr),
-    /// A DNS name, lowercased, without a trailing dot.
-    Name(String),
-}
-
 /// Reads a requested host: an IP literal (`10.0.0.5`, `2001:db8::5`, `[2001:db8::5]`) or a DNS name.
-fn target(host: &str) -> Result<Target, String> {
+fn target(host: &str) -> Result<Connect, String> {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return inner
             .parse::<Ipv6Addr>()
-            .map(|ip| Target::Ip(IpAddr::V6(ip).to_canonical()))
+            .map(|ip| Connect::Ip(IpAddr::V6(ip).to_canonical()))
             .map_err(|_| format!("{inner:?} in brackets is not an IPv6 address"));
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(Target::Ip(ip.to_canonical()));
+        return Ok(Connect::Ip(ip.to_canonical()));
     }
-    dns_name(host).map(Target::Name)
+    dns_name(host).map(Connect::Name)
 }
 
 /// Checks a DNS name and returns it lowercased, without its trailing dot.
@@ -134,8 +125,8 @@ impl PermitOpen {
                 PermitHost::Any
             } else {
                 match target(host) {
-                    Ok(Target::Ip(ip)) => PermitHost::Ip(ip),
-                    Ok(Target::Name(name)) => PermitHost::Name(name),
+                    Ok(Connect::Ip(ip)) => PermitHost::Ip(ip),
+                    Ok(Connect::Name(name)) => PermitHost::Name(name),
                     Err(why) => {
                         return Err(format!(
                             "{s:?}: host {host:?}: {why} (write a name, an IP address or \"*\", e.g. \"db.example.com:5432\")"
@@ -162,13 +153,22 @@ impl PermitOpen {
     /// Whether a request for `host:port` is permitted. `host` is what the client sent;
     /// anything that is neither a DNS name nor an IP literal matches only a `*` host.
     pub fn matches(&self, host: &str, port: u16) -> bool {
+        match target(host) {
+            Ok(t) => self.matches_target(&t, port),
+            Err(_) => self.host == PermitHost::Any && self.port.is_none_or(|p| p == port),
+        }
+    }
+
+    /// [`PermitOpen::matches`] for a host already read by [`target`].
+    fn matches_target(&self, target: &Connect, port: u16) -> bool {
         if self.port.is_some_and(|p| p != port) {
             return false;
         }
-        match &self.host {
-            PermitHost::Any => true,
-            PermitHost::Ip(ip) => matches!(target(host), Ok(Target::Ip(t)) if t == *ip),
-            PermitHost::Name(name) => matches!(target(host), Ok(Target::Name(t)) if t == *name),
+        match (&self.host, target) {
+            (PermitHost::Any, _) => true,
+            (PermitHost::Ip(ip), Connect::Ip(t)) => t == ip,
+            (PermitHost::Name(name), Connect::Name(t)) => t == name,
+            _ => false,
         }
     }
 }
@@ -200,6 +200,11 @@ pub struct HostPattern {
 }
 
 impl HostPattern {
+    /// The one name this pattern matches, lowercased; None for a wildcard.
+    pub fn exact(&self) -> Option<&str> {
+        (!self.wildcard).then_some(self.name.as_str())
+    }
+
     /// Parses `"db.example.com"` or `"*.example.internal"`. The error says what to write instead.
     pub fn parse(pattern: &str) -> Result<HostPattern, String> {
         let (rest, wildcard) = match pattern.strip_prefix("*.") {
@@ -243,7 +248,7 @@ impl HostPattern {
     /// Anything that is not a DNS name (an IP literal, garbage) never matches.
     pub fn matches(&self, name: &str) -> bool {
         match target(name) {
-            Ok(Target::Name(n)) => self.matches_normalised(&n),
+            Ok(Connect::Name(n)) => self.matches_normalised(&n),
             _ => false,
         }
     }
@@ -289,6 +294,26 @@ fn check_ports(ports: &[u16]) -> Result<(), String> {
     Ok(())
 }
 
+/// "10.0.0.0/16", "2001:db8::/32", or a bare address (a /32 or /128); host
+/// bits set are an error. One parser for every CIDR in the config.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "{text:?} has host bits set (write {:?})",
+                net.trunc().to_string()
+            ));
+        }
+        return Ok(net);
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "not a CIDR: {text:?} (write e.g. \"10.0.0.0/16\" or \"203.0.113.7/32\")"
+    ))
+}
+
 impl AllowRule {
     /// A host rule: `"mydb.example.com"` or `"*.example.internal"`. The error says what to write instead.
     pub fn host(pattern: &str, ports: Vec<u16>) -> Result<AllowRule, String> {
@@ -305,23 +330,7 @@ impl AllowRule {
     /// Host bits set (`"10.0.0.1/16"`) are an error, as in the rest of the config.
     pub fn cidr(cidr: &str, ports: Vec<u16>) -> Result<AllowRule, String> {
         check_ports(&ports)?;
-        let net = match cidr.parse::<IpNet>() {
-            Ok(net) if net.trunc() != net => {
-                return Err(format!(
-                    "{cidr:?} has host bits set (write {:?})",
-                    net.trunc().to_string()
-                ));
-            }
-            Ok(net) => net,
-            Err(_) => match cidr.parse::<IpAddr>() {
-                Ok(ip) => IpNet::from(ip),
-                Err(_) => {
-                    return Err(format!(
-                        "not a CIDR: {cidr:?} (write e.g. \"10.0.0.0/16\" or \"203.0.113.7/32\")"
-                    ));
-                }
-            },
-        };
+        let net = parse_cidr(cidr)?;
         Ok(AllowRule {
             target: RuleTarget::Cidr(net),
             ports,
@@ -329,13 +338,13 @@ impl AllowRule {
         })
     }
 
-    fn matches(&self, target: &Target, port: u16) -> bool {
+    fn matches(&self, target: &Connect, port: u16) -> bool {
         if !self.ports.contains(&port) {
             return false;
         }
         match (&self.target, target) {
-            (RuleTarget::Host(pattern), Target::Name(name)) => pattern.matches_normalised(name),
-            (RuleTarget::Cidr(net), Target::Ip(ip)) => net.contains(ip),
+            (RuleTarget::Host(pattern), Connect::Name(name)) => pattern.matches_normalised(name),
+            (RuleTarget::Cidr(net), Connect::Ip(ip)) => net.contains(ip),
             _ => false,
         }
     }
@@ -424,21 +433,17 @@ impl Policy {
             Err(why) => return Decision::Deny(Denied::BadHost(why)),
         };
         if let Some(list) = key_permitopen
-            && !list.iter().any(|p| p.matches(host, port))
+            && !list.iter().any(|p| p.matches_target(&target, port))
         {
             return Decision::Deny(Denied::KeyPermitOpen);
         }
-        if !user_permitopen.is_empty() && !user_permitopen.iter().any(|p| p.matches(host, port)) {
+        if !user_permitopen.is_empty() && !user_permitopen.iter().any(|p| p.matches_target(&target, port)) {
             return Decision::Deny(Denied::UserPermitOpen);
         }
         let Some(rule) = self.allow.iter().find(|r| r.matches(&target, port)) else {
             return Decision::Deny(Denied::NoRule);
         };
-        let connect = match target {
-            Target::Ip(ip) => Connect::Ip(ip),
-            Target::Name(name) => Connect::Name(name),
-        };
-        Decision::Allow { rule, connect }
+        Decision::Allow { rule, connect: target }
     }
 
     /// After resolution: the deny entry that contains `ip`, if any (checked for

@@ -22,6 +22,10 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+/// A client on a proxy_protocol listener must send its header within this
+/// (every listener's).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What every v1 header starts with.
 const V1_SIGNATURE: &[u8] = b"PROXY ";
 /// Longest v1 line, CRLF included: the spec's worst case,

@@ -550,10 +550,7 @@ impl ClientHandler {
             ServerKey::Fingerprint(want) if *want == seen => Ok(()),
             ServerKey::Fingerprint(want) => Err(format!("{} presented {seen}, expected {want}", config.server)),
             ServerKey::KnownHosts(path) => {
-                let host = match &config.server.host {
-                    Host::Ip(ip) => ip.to_string(),
-                    Host::Name(n) => n.clone(),
-                };
+                let host = config.server.host.to_string();
                 match russh::keys::check_known_hosts_path(&host, config.server.port, key, path) {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(format!(

@@ -100,9 +100,14 @@ struct GroupState {
 }
 
 impl GroupKey {
+    /// Where the key of `group` is cached between runs.
+    pub fn cache_path(state_dir: &Path, group: &str) -> std::path::PathBuf {
+        state_dir.join(format!("service_group_{group}.pub"))
+    }
+
     /// Loads the cached key from `state_dir`, if any.
     pub fn new(group: &str, state_dir: &Path) -> GroupKey {
-        let cache = state_dir.join(format!("service_group_{group}.pub"));
+        let cache = GroupKey::cache_path(state_dir, group);
         let (key, error) = match std::fs::read_to_string(&cache) {
             Ok(text) => match russh::keys::PublicKey::from_openssh(text.trim()) {
                 Ok(k) => {

@@ -258,11 +258,16 @@ pub fn generate(kind: HostKeyType, path: &Path) -> Result<PrivateKey, KeyError> 
         .public_key()
         .to_openssh()
         .map_err(|e| write_err(io::Error::other(e.to_string())))?;
-    let mut pub_path = path.as_os_str().to_owned();
-    pub_path.push(".pub");
-    fs::write(&pub_path, format!("{public}\n")).map_err(write_err)?;
+    fs::write(pub_path(path), format!("{public}\n")).map_err(write_err)?;
     fs::rename(&tmp, path).map_err(write_err)?;
     Ok(key)
+}
+
+/// Where OpenSSH keeps a private key's public half: `PATH.pub`.
+pub fn pub_path(private: &Path) -> std::path::PathBuf {
+    let mut path = private.as_os_str().to_owned();
+    path.push(".pub");
+    path.into()
 }
 
 /// Key size in bits as `ssh-keygen -l` shows it.

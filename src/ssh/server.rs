@@ -48,8 +48,6 @@ pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// (russh-0.65.1 src/server/encrypted.rs:1502-1517), so it stays large; it
 /// holds memory only while messages wait in it.
 pub const CHANNEL_BUFFER: usize = 4096;
-/// A client on a proxy_protocol listener must send its header within this.
-const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a channel waits for the first DNS answer of a name.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// Connect timeout to a database for a channel.
@@ -355,7 +353,7 @@ impl SshServer {
         let rule = self.shared.config.policy.allow.first()?;
         let port = *rule.ports.first()?;
         let target = match &rule.target {
-            crate::policy::RuleTarget::Host(_) if !rule.label.contains('*') => rule.label.clone(),
+            crate::policy::RuleTarget::Host(pattern) if pattern.exact().is_some() => rule.label.clone(),
             _ => "<database-host>".to_string(),
         };
         let local = port.checked_add(20000).unwrap_or(port);
@@ -398,7 +396,7 @@ impl SshServer {
                     Ok(pair) => pair,
                     Err(e) => {
                         warn!(error = %e, "ssh accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(crate::forward::ACCEPT_ERROR_PAUSE).await;
                         continue;
                     }
                 },
@@ -466,7 +464,7 @@ async fn connection(
     let grace = shared.config.login_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let peer = if shared.config.proxy_protocol {
-        let wait = grace.min(PROXY_HEADER_TIMEOUT);
+        let wait = grace.min(crate::proxy_protocol::HEADER_TIMEOUT);
         match crate::proxy_protocol::read_header(&mut socket, wait).await {
             Ok(h) => {
                 let real = h.source.unwrap_or(peer);
