@@ -90,14 +90,7 @@ pub enum Command {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config, ready_file } => run(&config, ready_file),
-        Command::Check { config, probe } => {
-            let code = check(&config);
-            if probe && code == ExitCode::SUCCESS {
-                probe_targets(&config)
-            } else {
-                code
-            }
-        }
+        Command::Check { config, probe } => check(&config, probe),
         Command::Keygen { key_type, out } => keygen(key_type, &out),
         Command::Fingerprint { config, key } => fingerprint(&config, key.as_deref()),
         Command::SetupInfo { config, json } => setup_info(&config, json),
@@ -112,11 +105,9 @@ pub fn main(cli: Cli) -> ExitCode {
 /// How long one probe may take (connect and first exchange).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `check --probe`: what the service's setup test will find, from this host.
-fn probe_targets(path: &Path) -> ExitCode {
-    let Some(config) = load(path) else {
-        return ExitCode::from(1);
-    };
+/// `check --probe`: what the service's setup test will find, from this host;
+/// the number of targets that could not be reached.
+async fn probe_targets(config: &Config, resolver: &mut LazyResolver) -> usize {
     let mut targets: Vec<(String, crate::config::Target)> = Vec::new();
     for f in &config.forward {
         targets.push((format!("forward {:?}", f.name), f.target.clone()));
@@ -147,56 +138,61 @@ fn probe_targets(path: &Path) -> ExitCode {
             targets.push((format!("tunnel {:?}", t.name), r.connect.clone()));
         }
     }
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
     let mut unreachable = 0;
-    rt.block_on(async {
-        let mut resolver: Option<Result<dns::Resolver, String>> = None;
-        for (what, target) in &targets {
-            let addrs: Vec<std::net::IpAddr> = match &target.host {
-                Host::Ip(ip) => vec![*ip],
-                Host::Name(name) => {
-                    let r = resolver.get_or_insert_with(|| dns::Resolver::new(&config.dns).map_err(|e| e.to_string()));
-                    match r {
-                        Ok(r) => match r.lookup(name).await {
-                            Ok(res) => res.addresses().collect(),
-                            Err(e) => {
-                                unreachable += 1;
-                                println!("probe    {what} {target}: does not resolve: {e}");
-                                continue;
-                            }
-                        },
-                        Err(e) => {
-                            unreachable += 1;
-                            println!("probe    {what} {target}: cannot resolve: {e}");
-                            continue;
-                        }
-                    }
+    for (what, target) in &targets {
+        let addrs: Vec<std::net::IpAddr> = match &target.host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Name(name) => match resolver.lookup(&config.dns, name).await {
+                Ok(res) => res.addresses().collect(),
+                Err(Unresolved::NoResolver(e)) => {
+                    unreachable += 1;
+                    println!("probe    {what} {target}: cannot resolve: {e}");
+                    continue;
                 }
-            };
-            let protocol = crate::probe::Protocol::by_port(target.port);
-            for ip in addrs {
-                let addr = std::net::SocketAddr::new(ip, target.port);
-                match crate::probe::probe(addr, protocol, PROBE_TIMEOUT).await {
-                    Ok(result) => println!("probe    {what} {target}: {result}"),
-                    Err(e) => {
-                        unreachable += 1;
-                        println!("probe    {what} {target}: {addr} {e}");
-                    }
+                Err(Unresolved::Lookup(e)) => {
+                    unreachable += 1;
+                    println!("probe    {what} {target}: does not resolve: {e}");
+                    continue;
+                }
+            },
+        };
+        let protocol = crate::probe::Protocol::by_port(target.port);
+        for ip in addrs {
+            let addr = std::net::SocketAddr::new(ip, target.port);
+            match crate::probe::probe(addr, protocol, PROBE_TIMEOUT).await {
+                Ok(result) => println!("probe    {what} {target}: {result}"),
+                Err(e) => {
+                    unreachable += 1;
+                    println!("probe    {what} {target}: {addr} {e}");
                 }
             }
         }
-    });
-    if unreachable > 0 {
-        println!("{unreachable} target(s) unreachable");
-        return ExitCode::from(1);
     }
-    ExitCode::SUCCESS
+    unreachable
+}
+
+/// A resolver made at the first name to look up (none is needed for a
+/// config of addresses only); one for all of `check`'s lookups.
+#[derive(Default)]
+struct LazyResolver(Option<Result<dns::Resolver, String>>);
+
+enum Unresolved {
+    /// No resolver could be made from `[dns]`.
+    NoResolver(String),
+    /// The name does not resolve now.
+    Lookup(String),
+}
+
+impl LazyResolver {
+    async fn lookup(&mut self, config: &crate::config::DnsConfig, name: &str) -> Result<dns::Resolved, Unresolved> {
+        let resolver = self
+            .0
+            .get_or_insert_with(|| dns::Resolver::new(config).map_err(|e| e.to_string()));
+        match resolver {
+            Err(e) => Err(Unresolved::NoResolver(e.clone())),
+            Ok(r) => r.lookup(name).await.map_err(|e| Unresolved::Lookup(e.to_string())),
+        }
+    }
 }
 
 fn keygen(kind: HostKeyType, out: &Path) -> ExitCode {
@@ -509,7 +505,7 @@ fn run(path: &Path, ready_file: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, probe: bool) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(1);
     };
@@ -612,10 +608,12 @@ fn check(path: &Path) -> ExitCode {
     }
     if config.forward.is_empty() {
         println!("(no [[forward]] routes)");
-        if warnings > 0 {
-            println!("{warnings} warning(s): see above");
+        if !probe {
+            if warnings > 0 {
+                println!("{warnings} warning(s): see above");
+            }
+            return ExitCode::SUCCESS;
         }
-        return ExitCode::SUCCESS;
     }
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -624,30 +622,25 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let mut resolver = LazyResolver::default();
     rt.block_on(async {
-        let mut resolver: Option<Result<dns::Resolver, String>> = None;
         for f in &config.forward {
             let resolved = match &f.target.host {
                 Host::Ip(ip) => format!("fixed address {ip}"),
-                Host::Name(name) => {
-                    let r = resolver.get_or_insert_with(|| dns::Resolver::new(&config.dns).map_err(|e| e.to_string()));
-                    match r {
-                        Err(e) => {
-                            warnings += 1;
-                            format!("cannot resolve: {e}")
-                        }
-                        Ok(r) => match r.lookup(name).await {
-                            Ok(resolved) => {
-                                let list: Vec<String> = resolved.addresses().map(|a| a.to_string()).collect();
-                                format!("resolves to {} (ttl {}s)", list.join(", "), resolved.ttl.as_secs())
-                            }
-                            Err(e) => {
-                                warnings += 1;
-                                format!("does NOT resolve now: {e} (the daemon starts anyway; /readyz stays 503 until it does)")
-                            }
-                        },
+                Host::Name(name) => match resolver.lookup(&config.dns, name).await {
+                    Ok(resolved) => {
+                        let list: Vec<String> = resolved.addresses().map(|a| a.to_string()).collect();
+                        format!("resolves to {} (ttl {}s)", list.join(", "), resolved.ttl.as_secs())
                     }
-                }
+                    Err(Unresolved::NoResolver(e)) => {
+                        warnings += 1;
+                        format!("cannot resolve: {e}")
+                    }
+                    Err(Unresolved::Lookup(e)) => {
+                        warnings += 1;
+                        format!("does NOT resolve now: {e} (the daemon starts anyway; /readyz stays 503 until it does)")
+                    }
+                },
             };
             let on_change = match f.on_change {
                 OnChange::Keep => "keep",
@@ -661,6 +654,13 @@ fn check(path: &Path) -> ExitCode {
     });
     if warnings > 0 {
         println!("{warnings} warning(s): see above");
+    }
+    if probe {
+        let unreachable = rt.block_on(probe_targets(&config, &mut resolver));
+        if unreachable > 0 {
+            println!("{unreachable} target(s) unreachable");
+            return ExitCode::from(1);
+        }
     }
     ExitCode::SUCCESS
 }
