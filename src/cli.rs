@@ -366,13 +366,9 @@ fn register_fingerprint(path: &Path, connection: &str, api_url: Option<&str>) ->
     let (url, key, secret) = match &config.service {
         Some(s) => (s.api_url.clone(), s.api_key.clone(), s.api_secret.clone()),
         None => {
-            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+            let var = crate::config::env_credential;
             match (var("FIVETRAN_API_KEY"), var("FIVETRAN_API_SECRET")) {
-                (Some(k), Some(s)) => (
-                    crate::config::DEFAULT_API_URL.to_string(),
-                    crate::service::Secret::new(k.trim()),
-                    crate::service::Secret::new(s.trim()),
-                ),
+                (Some(k), Some(s)) => (crate::config::DEFAULT_API_URL.to_string(), k, s),
                 _ => {
                     eprintln!(
                         "error: no API credentials: set FIVETRAN_API_KEY and FIVETRAN_API_SECRET, or add a [service] table"
@@ -400,8 +396,8 @@ fn register_fingerprint(path: &Path, connection: &str, api_url: Option<&str>) ->
     let mut failed = false;
     rt.block_on(async {
         for k in &keys_found {
-            let (hash, public_key) = crate::service::fingerprint_payload(k);
-            match client.register_fingerprint(connection, &hash, &public_key).await {
+            let (hash, registered) = client.register_host_key(connection, k).await;
+            match registered {
                 Ok(message) => println!("{} SHA256:{hash}: {message}", k.algorithm()),
                 Err(e) => {
                     failed = true;

@@ -329,6 +329,14 @@ struct RawService {
     refresh: String,
 }
 
+/// An API credential from the environment: set, trimmed, not empty.
+pub fn env_credential(var: &str) -> Option<Secret> {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| Secret::new(v.trim()))
+}
+
 /// `[service] api_url` when not set; also `register-fingerprint`'s default.
 pub const DEFAULT_API_URL: &str = "https://api.fivetran.com";
 
@@ -848,9 +856,9 @@ impl RawService {
                     Ok(_) => Err(cx.err(T, field, format!("{} is empty", path.display()))),
                     Err(e) => Err(cx.err(T, field, format!("cannot read {}: {e}", path.display()))),
                 },
-                None => match std::env::var(var) {
-                    Ok(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim())),
-                    _ => Err(cx.err(
+                None => match env_credential(var) {
+                    Some(secret) => Ok(secret),
+                    None => Err(cx.err(
                         T,
                         field,
                         format!("no credential: set {var} in the environment or {field} = \"path\""),

@@ -514,8 +514,8 @@ async fn refresh_group_key(client: ServiceClient, group: Arc<GroupKey>, refresh:
 async fn register_fingerprints(client: ServiceClient, connections: Vec<String>, keys: Vec<russh::keys::PublicKey>) {
     for id in &connections {
         for key in &keys {
-            let (hash, public_key) = crate::service::fingerprint_payload(key);
-            match client.register_fingerprint(id, &hash, &public_key).await {
+            let (hash, registered) = client.register_host_key(id, key).await;
+            match registered {
                 Ok(message) => {
                     info!(target: "audit", event = "fingerprint_registered", connection = %id, hash = %hash, %message)
                 }

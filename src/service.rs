@@ -146,12 +146,19 @@ impl ServiceClient {
     }
 
     /// `POST /v1/connections/{id}/fingerprints`: approve one host key; the service's message.
-    pub async fn register_fingerprint(
+    /// Registers one of our host keys with `connection`: its SHA256 hash
+    /// (as `ssh-keygen -l` prints it, without the prefix) and the API's answer.
+    pub async fn register_host_key(
         &self,
         connection: &str,
-        hash: &str,
-        public_key: &str,
-    ) -> Result<String, ApiError> {
+        key: &russh::keys::PublicKey,
+    ) -> (String, Result<String, ApiError>) {
+        let (hash, public_key) = fingerprint_payload(key);
+        let registered = self.register_fingerprint(connection, &hash, &public_key).await;
+        (hash, registered)
+    }
+
+    async fn register_fingerprint(&self, connection: &str, hash: &str, public_key: &str) -> Result<String, ApiError> {
         const E: &str = "register_fingerprint";
         let url = format!(
             "{}/v1/connections/{}/fingerprints",
@@ -302,7 +309,7 @@ fn without_url(e: reqwest::Error) -> String {
 
 /// The body the fingerprint API expects for one host key: the SHA256 hash
 /// without its prefix, and the `type base64 comment` line.
-pub fn fingerprint_payload(key: &russh::keys::PublicKey) -> (String, String) {
+fn fingerprint_payload(key: &russh::keys::PublicKey) -> (String, String) {
     let fp = crate::ssh::keys::fingerprint(key);
     let hash = fp.strip_prefix("SHA256:").unwrap_or(&fp).to_string();
     (hash, key.to_openssh().unwrap_or_default())
