@@ -19,9 +19,9 @@ use std::{
     fs,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     sync::{
         Arc, Barrier,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -31,7 +31,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use common::{BenchPeer, gbit, host, loadavg, median, number, push, tail, target_dir, thousands, xml};
+use common::{
+    BenchPeer, Proc, START_TIMEOUT, free_port, gbit, host, is_listening, loadavg, median, number, push, target_dir,
+    thousands, wait_ready, xml,
+};
 use hickory_server::{
     Server,
     proto::rr::{
@@ -48,7 +51,6 @@ mod common;
 /// argv[1] that turns this binary into the idle-connection upstream (a child process, so neither
 /// it nor the bench holds more than ~10,000 of the 20,000 descriptors a process may have here).
 const IDLE_CHILD_ARG: &str = "--idle-upstream-child";
-const START_TIMEOUT: Duration = Duration::from_secs(20);
 const DNS_ZONE: &str = "jumpgate.test.";
 const DNS_NAME: &str = "db.jumpgate.test";
 const DNS_TTL_S: u32 = 1;
@@ -249,60 +251,6 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A child process, killed with its whole process group (socat's forked children too) on drop.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: Option<PathBuf>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: Option<PathBuf>) -> Result<Proc> {
-        if let Some(log) = &log {
-            let out = fs::File::create(log)?;
-            cmd.stdout(out.try_clone()?).stderr(out).stdin(Stdio::null());
-        }
-        let child = cmd
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Fails with the process's output if it has exited.
-    fn alive(&mut self) -> Result<()> {
-        match self.child.try_wait()? {
-            None => Ok(()),
-            Some(status) => {
-                let out = self.log.as_deref().map(|log| tail(log, 20)).unwrap_or_default();
-                bail!("{} exited ({status}); its output ends:\n{out}", self.name)
-            }
-        }
-    }
-
-    fn rss_kb(&self) -> Result<u64> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmRSS in /proc/{}/status", self.pid()))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) takes plain integers; the group is the one `process_group(0)` made for
-        // this child, which is not reaped before this point, so its id cannot have been reused.
-        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
 /// Where a forwarder sends its connections.
 enum Target {
     Addr(SocketAddr),
@@ -354,11 +302,10 @@ impl Forwarder {
     /// Waits until the process listens on `port`, read from /proc/net/tcp so that no probe
     /// connection reaches the upstream.
     fn listening(peer: Peer, port: u16, mut proc: Proc, dir: tempfile::TempDir) -> Result<Self> {
-        let listener = format!(": 0100007F:{port:04X} 00000000:0000 0A ");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             proc.alive()?;
-            if fs::read_to_string("/proc/net/tcp")?.contains(&listener) {
+            if is_listening(port)? {
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 let (proc, _dir) = (Some(proc), Some(dir));
                 return Ok(Forwarder { peer, addr, proc, _dir });
@@ -400,26 +347,13 @@ fn start_jumpgate(target: &Target) -> Result<Forwarder> {
         .current_dir(dir.path());
     let mut proc = Proc::spawn("jumpgate", &mut cmd, Some(dir.path().join("jumpgate.log")))?;
     let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        proc.alive()?;
-        let bound = fs::read_to_string(&ready).ok().and_then(|text| {
-            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-            json["forward"]["bench"].as_str()?.parse::<SocketAddr>().ok()
-        });
-        if let Some(addr) = bound {
-            return Ok(Forwarder {
-                peer: Peer::Jumpgate,
-                addr,
-                proc: Some(proc),
-                _dir: Some(dir),
-            });
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "jumpgate wrote no ready file with forward.bench within {START_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    let addr = wait_ready(&ready, &["forward", "bench"], deadline, || proc.alive())?;
+    Ok(Forwarder {
+        peer: Peer::Jumpgate,
+        addr,
+        proc: Some(proc),
+        _dir: Some(dir),
+    })
 }
 
 fn haproxy_config(port: u16, target: &Target) -> String {
@@ -440,10 +374,6 @@ fn haproxy_config(port: u16, target: &Target) -> String {
          frontend bench\n    bind 127.0.0.1:{port}\n    default_backend up\n\
          backend up\n    {server}\n{resolvers}"
     )
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A loopback listener with a deep accept queue (std asks for 128), so bursts of connects do not

@@ -19,9 +19,8 @@ use std::{
     fmt::Write as _,
     fs, io,
     net::{SocketAddr, TcpListener},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -32,7 +31,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use common::{
-    BenchPeer, cpu_seconds, descendants, gbit, host, loadavg, median, number, push, tail, target_dir, thousands,
+    BenchPeer, Lab, Proc, START_TIMEOUT, cpu_seconds, descendants, free_port, gbit, is_listening, keygen, loadavg,
+    median, number, proc_kb, pub_path, push, ssh_options, tail, thousands, wait_ready,
 };
 use russh::{
     Channel, ChannelMsg,
@@ -44,7 +44,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[path = "common/mod.rs"]
 mod common;
 
-const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// One `ssh -W` run (open, round trip, close) or one russh session set-up, at most.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// The `[[ssh.user]]` of jumpgate's config; sshd logs in the user running the bench.
@@ -141,7 +140,7 @@ fn run(plan: &Plan) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let lab = Lab::new()?;
+    let lab = Lab::new("jumpgate-bench-ssh-", "bench")?;
     let peers = available_peers(&mut report);
     let sink = start_sink()?;
     let echo = rt.block_on(Echo::start())?;
@@ -167,12 +166,9 @@ fn run(plan: &Plan) -> Result<()> {
         loadavg(),
         started.elapsed().as_secs_f64()
     );
-    let markdown = report.render(plan, &lab.local_user);
+    let markdown = report.render(plan, &lab.user);
     println!("\n{markdown}");
-    let out = target_dir();
-    fs::create_dir_all(&out)?;
-    fs::write(out.join("bench-ssh.md"), &markdown)?;
-    println!("wrote {}", out.join("bench-ssh.md").display());
+    common::write_out("bench-ssh.md", &markdown)?;
     ensure!(
         report.problems.is_empty(),
         "jumpgate did not carry SSH sessions correctly:\n  {}",
@@ -237,71 +233,12 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_absolute() && p.is_file())
 }
 
-/// A child process, killed on drop with its process group and every descendant (sshd's
-/// per-connection processes call setsid(), so they leave the group).
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: Option<PathBuf>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: Option<PathBuf>) -> Result<Proc> {
-        if let Some(log) = &log {
-            let out = fs::File::create(log)?;
-            cmd.stdout(out.try_clone()?).stderr(out).stdin(Stdio::null());
-        }
-        let child = cmd
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Fails with the process's output if it has exited.
-    fn alive(&mut self) -> Result<()> {
-        match self.child.try_wait()? {
-            None => Ok(()),
-            Some(status) => {
-                let out = self.log.as_deref().map(|log| tail(log, 20)).unwrap_or_default();
-                bail!("{} exited ({status}); its output ends:\n{out}", self.name)
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        for pid in descendants(self.pid()) {
-            // SAFETY: kill(2) takes plain integers. A descendant found a moment ago may have
-            // exited, but its id is not reused while its parent (in this tree) has not reaped it.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        // SAFETY: as above; the group is the one `process_group(0)` made for this child, which is
-        // not reaped before this point, so its id cannot have been reused.
-        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
 /// Resident memory of a process tree, summed.
 #[derive(Clone, Copy, Debug)]
 struct Memory {
     rss_kb: u64,
     pss_kb: u64,
     procs: usize,
-}
-
-fn proc_kb(path: &str, field: &str) -> Option<u64> {
-    fs::read_to_string(path)
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// VmRSS and PSS (smaps_rollup) of `pid` and its descendants; a descendant that exits meanwhile
@@ -326,60 +263,6 @@ fn memory(pid: i32) -> Result<Memory> {
 
 fn open_fds(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-/// The bench's temporary directory and the one ed25519 client key every server accepts.
-struct Lab {
-    dir: tempfile::TempDir,
-    key: PathBuf,
-    authorized_keys: PathBuf,
-    /// Who sshd logs in: the user running the bench.
-    local_user: String,
-}
-
-impl Lab {
-    fn new() -> Result<Lab> {
-        let dir = tempfile::Builder::new().prefix("jumpgate-bench-ssh-").tempdir()?;
-        let key = dir.path().join("id_ed25519");
-        keygen(&key, "bench")?;
-        let authorized_keys = dir.path().join("authorized_keys");
-        fs::copy(pub_path(&key), &authorized_keys)?;
-        let out = Command::new("id").arg("-un").output().context("id -un")?;
-        let local_user = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        ensure!(!local_user.is_empty(), "`id -un` printed no user name");
-        Ok(Lab {
-            dir,
-            key,
-            authorized_keys,
-            local_user,
-        })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-fn pub_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".pub");
-    PathBuf::from(p)
-}
-
-/// `ssh-keygen -q -t ed25519 -N '' -C COMMENT -f PATH`.
-fn keygen(path: &Path, comment: &str) -> Result<()> {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ssh-keygen (package openssh-client)")?;
-    ensure!(
-        out.status.success(),
-        "ssh-keygen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// A running SSH server (jumpgate or sshd) and what a client needs to log in.
@@ -426,18 +309,7 @@ impl Server {
     fn ssh(&self, lab: &Lab, extra: &[&str]) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.args(["-F", "/dev/null"]);
-        for opt in [
-            "StrictHostKeyChecking=yes".to_string(),
-            format!("UserKnownHostsFile={}", self.known_hosts.display()),
-            "GlobalKnownHostsFile=/dev/null".into(),
-            "IdentitiesOnly=yes".into(),
-            "BatchMode=yes".into(),
-            "IdentityAgent=none".into(),
-            "ControlPath=none".into(),
-            "ConnectTimeout=10".into(),
-        ] {
-            cmd.arg("-o").arg(opt);
-        }
+        ssh_options(&mut cmd, &self.known_hosts);
         cmd.arg("-i")
             .arg(&lab.key)
             .args(extra)
@@ -475,23 +347,9 @@ fn start_jumpgate(lab: &Lab, [sink_port, echo_port]: [u16; 2]) -> Result<Server>
         .arg("--ready-file")
         .arg(&ready)
         .current_dir(dir.path());
-    let mut proc = Proc::spawn("jumpgate", &mut cmd, Some(dir.path().join("jumpgate.log")))?;
+    let mut proc = Proc::spawn_tree("jumpgate", &mut cmd, Some(dir.path().join("jumpgate.log")))?;
     let deadline = Instant::now() + START_TIMEOUT;
-    let addr = loop {
-        proc.alive()?;
-        let bound = fs::read_to_string(&ready).ok().and_then(|text| {
-            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-            json["ssh"].as_str()?.parse::<SocketAddr>().ok()
-        });
-        if let Some(addr) = bound {
-            break addr;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "jumpgate wrote no ready file with \"ssh\" within {START_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(10));
-    };
+    let addr = wait_ready(&ready, &["ssh"], deadline, || proc.alive())?;
     let pubs: Vec<PathBuf> = ["ed25519", "ecdsa"]
         .iter()
         .map(|kind| state.join(format!("ssh_host_{kind}_key.pub")))
@@ -536,14 +394,14 @@ fn start_sshd(lab: &Lab) -> Result<Server> {
         .arg("-f")
         .arg(&config_path)
         .current_dir(dir.path());
-    let mut proc = Proc::spawn("sshd", &mut cmd, Some(dir.path().join("sshd.log")))?;
+    let mut proc = Proc::spawn_tree("sshd", &mut cmd, Some(dir.path().join("sshd.log")))?;
     wait_listening(port, &mut proc)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let (known_hosts, host_keys) = Server::trust(dir.path(), addr, &[pub_path(&host_key)])?;
     Ok(Server {
         peer: Peer::Sshd,
         addr,
-        user: lab.local_user.clone(),
+        user: lab.user.clone(),
         known_hosts,
         host_keys,
         proc,
@@ -563,15 +421,6 @@ fn wait_listening(port: u16, proc: &mut Proc) -> Result<()> {
         ensure!(Instant::now() < deadline, "{} did not listen on {port}", proc.name);
         thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn is_listening(port: u16) -> Result<bool> {
-    let listener = format!(": 0100007F:{port:04X} 00000000:0000 0A ");
-    Ok(fs::read_to_string("/proc/net/tcp")?.contains(&listener))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Runs `f` once per server, recording a failure as a problem for jumpgate and as a note for sshd.
@@ -622,7 +471,7 @@ impl LocalForward {
             let log = lab
                 .path()
                 .join(format!("ssh-L-{}-{}-{attempt}.log", server.peer.name(), cipher.0));
-            let mut proc = Proc::spawn("ssh -N -L", &mut cmd, Some(log.clone()))?;
+            let mut proc = Proc::spawn_tree("ssh -N -L", &mut cmd, Some(log.clone()))?;
             match wait_listening(port, &mut proc) {
                 Ok(()) => {
                     return Ok(LocalForward {
@@ -1175,7 +1024,7 @@ impl Report {
 
     fn render(&self, plan: &Plan, sshd_user: &str) -> String {
         let mut md = String::new();
-        common::write_header(&mut md, "SSH", "ssh", plan.full, &machine());
+        common::write_header(&mut md, "SSH", "ssh", plan.full, &common::openssh_machine());
         let _ = writeln!(
             md,
             "- sizes: {} MiB per `ssh -L` transfer × {} reps (median) per cipher, {} MiB checked \
@@ -1242,15 +1091,4 @@ impl Report {
         self.write_notes(&mut md);
         md
     }
-}
-
-fn machine() -> String {
-    // `ssh -V` prints its version on stderr.
-    let openssh = Command::new("ssh")
-        .arg("-V")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
-        .unwrap_or_else(|| "ssh: not installed".into());
-    format!("{}; {openssh} (client and sshd)", host())
 }

@@ -53,14 +53,13 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use common::{
-    BenchPeer, IO_TIMEOUT, cpu_seconds, descendants, gbit, host, loadavg, median, number, percentile, pull, push, tail,
-    target_dir,
+    BenchPeer, IO_TIMEOUT, Lab, START_TIMEOUT, cpu_seconds, descendants, free_port, gbit, is_listening, keygen,
+    loadavg, median, number, percentile, proc_kb, pub_path, pull, push, ssh_options, tail, wait_ready,
 };
 
 #[path = "common/mod.rs"]
 mod common;
 
-const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// One connection of the rate test (connect, round trip, close), at most.
 const CONN_TIMEOUT: Duration = Duration::from_secs(10);
 /// sshd must accept again this soon after it is started again.
@@ -238,7 +237,7 @@ fn run(plan: &Plan) -> Result<()> {
         "{SSHD} not found: install the Debian package openssh-server (every measurement needs it)"
     );
     let mut report = Report::default();
-    let lab = Lab::new()?;
+    let lab = Lab::new("jumpgate-bench-tunnel-", "bench-tunnel")?;
     let sink = start_sink()?;
     let echo = Echo::start()?;
     let source = start_source()?;
@@ -269,10 +268,7 @@ fn run(plan: &Plan) -> Result<()> {
     );
     let markdown = report.render(plan, &lab.user);
     println!("\n{markdown}");
-    let out = target_dir();
-    fs::create_dir_all(&out)?;
-    fs::write(out.join("bench-tunnel.md"), &markdown)?;
-    println!("wrote {}", out.join("bench-tunnel.md").display());
+    common::write_out("bench-tunnel.md", &markdown)?;
     ensure!(
         report.problems.is_empty(),
         "jumpgate's tunnel did not carry connections correctly:\n  {}",
@@ -377,11 +373,7 @@ fn alive(pid: i32) -> bool {
 
 /// The peak resident memory of one process (VmHWM), in KiB.
 fn peak_rss_kb(pid: i32) -> Option<u64> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    proc_kb(&format!("/proc/{pid}/status"), "VmHWM:")
 }
 
 /// The inodes of the sockets `pid` holds open.
@@ -445,63 +437,6 @@ fn parent(pid: i32) -> Option<i32> {
         .and_then(|s| s.parse().ok())
 }
 
-/// The bench's temporary directory and the one ed25519 client key both tunnel clients use.
-struct Lab {
-    dir: tempfile::TempDir,
-    key: PathBuf,
-    authorized_keys: PathBuf,
-    /// Who sshd logs in: the user running the bench (root when the bench runs as root).
-    user: String,
-}
-
-impl Lab {
-    fn new() -> Result<Lab> {
-        let dir = tempfile::Builder::new().prefix("jumpgate-bench-tunnel-").tempdir()?;
-        let key = dir.path().join("id_ed25519");
-        keygen(&key, "bench-tunnel")?;
-        let authorized_keys = dir.path().join("authorized_keys");
-        fs::copy(pub_path(&key), &authorized_keys)?;
-        let out = Command::new("id").arg("-un").output().context("id -un")?;
-        let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        ensure!(!user.is_empty(), "`id -un` printed no user name");
-        Ok(Lab {
-            dir,
-            key,
-            authorized_keys,
-            user,
-        })
-    }
-
-    /// A new directory for one process.
-    fn subdir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.dir.path().join(name);
-        fs::create_dir_all(&dir)?;
-        Ok(dir)
-    }
-}
-
-fn pub_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".pub");
-    PathBuf::from(p)
-}
-
-/// `ssh-keygen -q -t ed25519 -N '' -C COMMENT -f PATH`.
-fn keygen(path: &Path, comment: &str) -> Result<()> {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ssh-keygen (package openssh-client)")?;
-    ensure!(
-        out.status.success(),
-        "ssh-keygen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// `SHA256:...` of a public key file, as `ssh-keygen -l` prints it.
 fn fingerprint(pub_key: &Path) -> Result<String> {
     let out = Command::new("ssh-keygen")
@@ -519,15 +454,6 @@ fn fingerprint(pub_key: &Path) -> Result<String> {
 
 // ---------------------------------------------------------------------------------------------
 // Ports
-
-fn is_listening(port: u16) -> bool {
-    let listener = format!(": 0100007F:{port:04X} 00000000:0000 0A ");
-    fs::read_to_string("/proc/net/tcp").is_ok_and(|t| t.contains(&listener))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// A port of 127.0.0.1 free a moment ago, picked at random below the kernel's ephemeral range, so
 /// no outgoing connection or `bind(0)` meanwhile can be handed it: sshd listens on it again after
@@ -797,21 +723,7 @@ fn start_jumpgate(lab: &Lab, sshd: &Sshd, cipher: &'static str, targets: &[Socke
         .current_dir(&dir);
     let mut proc = Proc::spawn("jumpgate", &mut cmd, &dir.join("jumpgate.log"))?;
     let deadline = Instant::now() + START_TIMEOUT;
-    let admin = loop {
-        proc.alive()?;
-        let bound = fs::read_to_string(&ready).ok().and_then(|text| {
-            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-            json["admin"].as_str()?.parse::<SocketAddr>().ok()
-        });
-        if let Some(addr) = bound {
-            break addr;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "jumpgate wrote no ready file with \"admin\" within {START_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(10));
-    };
+    let admin = wait_ready(&ready, &["admin"], deadline, || proc.alive())?;
     let mut tunnel = Tunnel::new(Peer::Jumpgate, cipher, ports, proc, Some(admin));
     wait_tunnel_up(&mut tunnel, deadline)?;
     Ok(tunnel)
@@ -826,7 +738,7 @@ fn wait_tunnel_up(tunnel: &mut Tunnel, deadline: Instant) -> Result<()> {
             Some(admin) => http_get(admin, "/readyz/tunnel/t1").is_ok_and(|(code, _)| code == 200),
             None => true,
         };
-        if ready && tunnel.ports.iter().all(|&p| is_listening(p)) {
+        if ready && tunnel.ports.iter().all(|&p| is_listening(p).unwrap_or(false)) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -881,18 +793,11 @@ fn start_ssh(lab: &Lab, sshd: &Sshd, cipher: (&'static str, &str), targets: &[So
         let ports = targets.iter().map(|_| quiet_port()).collect::<Result<Vec<u16>>>()?;
         let mut cmd = Command::new("ssh");
         cmd.args(["-F", "/dev/null", "-N", "-c", cipher.1]);
+        ssh_options(&mut cmd, &sshd.known_hosts);
         for opt in [
-            "StrictHostKeyChecking=yes".to_string(),
-            format!("UserKnownHostsFile={}", sshd.known_hosts.display()),
-            "GlobalKnownHostsFile=/dev/null".into(),
-            "IdentitiesOnly=yes".into(),
-            "BatchMode=yes".into(),
-            "IdentityAgent=none".into(),
-            "ControlPath=none".into(),
-            "ConnectTimeout=10".into(),
-            "ServerAliveInterval=10".into(),
-            "ServerAliveCountMax=1".into(),
-            "ExitOnForwardFailure=yes".into(),
+            "ServerAliveInterval=10",
+            "ServerAliveCountMax=1",
+            "ExitOnForwardFailure=yes",
         ] {
             cmd.arg("-o").arg(opt);
         }
@@ -1541,7 +1446,7 @@ impl Report {
 
     fn render(&self, plan: &Plan, user: &str) -> String {
         let mut md = String::new();
-        common::write_header(&mut md, "tunnel", "tunnel", plan.full, &machine());
+        common::write_header(&mut md, "tunnel", "tunnel", plan.full, &common::openssh_machine());
         let _ = writeln!(
             md,
             "- sizes: {} MiB per transfer × {} reps (median) per cipher and direction, {} MiB checked \
@@ -1644,15 +1549,4 @@ impl Report {
         self.base.write_notes(&mut md);
         md
     }
-}
-
-fn machine() -> String {
-    // `ssh -V` prints its version on stderr.
-    let openssh = Command::new("ssh")
-        .arg("-V")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
-        .unwrap_or_else(|| "ssh: not installed".into());
-    format!("{}; {openssh} (client and sshd)", host())
 }

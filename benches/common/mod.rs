@@ -1,6 +1,7 @@
 //! Pieces the three benches share: the sink and its client, the source and its client, the report
-//! table's rows, notes and target list, Markdown helpers, machine facts and /proc readers. Each
-//! bench is its own crate and uses only some of this.
+//! table's rows, notes and target list, Markdown helpers, machine facts, /proc readers, loopback
+//! ports, and the OpenSSH client key and options. Each bench is its own crate and uses only some
+//! of this.
 #![allow(dead_code)]
 
 use std::{
@@ -11,17 +12,20 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 pub const CHUNK: usize = 1 << 20;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a process the bench starts may take to be ready.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A bench's `main`: the full plan with `--bench`, else the smoke plan; exits 1 when `run` fails.
 pub fn bench_main<P>(name: &str, full: &P, smoke: &P, run: impl FnOnce(&P) -> Result<()>) {
@@ -233,6 +237,18 @@ pub fn host() -> String {
     format!("{cores} cores, {cpu}, Linux {}", kernel.trim())
 }
 
+/// The machine line of the benches that run OpenSSH: [`host`] and `ssh -V`.
+pub fn openssh_machine() -> String {
+    // `ssh -V` prints its version on stderr.
+    let openssh = Command::new("ssh")
+        .arg("-V")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_else(|| "ssh: not installed".into());
+    format!("{}; {openssh} (client and sshd)", host())
+}
+
 /// `target/` of this build: a bench runs as target/<profile>/deps/<bench>-<hash>.
 pub fn target_dir() -> PathBuf {
     env::current_exe()
@@ -250,6 +266,127 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A child process in a process group of its own, killed with that group on drop (socat's forked
+/// children too); made by [`Proc::spawn_tree`], with every descendant too (sshd's per-connection
+/// processes call setsid(), so they leave the group).
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    log: Option<PathBuf>,
+    /// Kill every descendant on drop, not only the process group.
+    tree: bool,
+}
+
+impl Proc {
+    /// Starts `cmd` in a new process group; with `log`, stdout and stderr go to that file and
+    /// stdin comes from /dev/null.
+    pub fn spawn(name: &'static str, cmd: &mut Command, log: Option<PathBuf>) -> Result<Proc> {
+        if let Some(log) = &log {
+            let out = fs::File::create(log)?;
+            cmd.stdout(out.try_clone()?).stderr(out).stdin(Stdio::null());
+        }
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Proc {
+            name,
+            child,
+            log,
+            tree: false,
+        })
+    }
+
+    /// [`Proc::spawn`], killed on drop with every descendant as well as its process group.
+    pub fn spawn_tree(name: &'static str, cmd: &mut Command, log: Option<PathBuf>) -> Result<Proc> {
+        let mut proc = Proc::spawn(name, cmd, log)?;
+        proc.tree = true;
+        Ok(proc)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Fails with the process's output if it has exited.
+    pub fn alive(&mut self) -> Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => {
+                let out = self.log.as_deref().map(|log| tail(log, 20)).unwrap_or_default();
+                bail!("{} exited ({status}); its output ends:\n{out}", self.name)
+            }
+        }
+    }
+
+    pub fn rss_kb(&self) -> Result<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        kb_field(&status, "VmRSS:").ok_or_else(|| anyhow!("no VmRSS in /proc/{}/status", self.pid()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.tree {
+            for pid in descendants(self.pid()) {
+                // SAFETY: kill(2) takes plain integers. A descendant found a moment ago may have
+                // exited, but its id is not reused while its parent (in this tree) has not reaped it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        // SAFETY: kill(2) takes plain integers; the group is the one `process_group(0)` made for
+        // this child, which is not reaped before this point, so its id cannot have been reused.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// The number of a `Field:   N kB` line of a /proc file's `text` (`field` with its colon).
+pub fn kb_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// [`kb_field`] of the file at `path`; None if it cannot be read.
+pub fn proc_kb(path: &str, field: &str) -> Option<u64> {
+    kb_field(&fs::read_to_string(path).ok()?, field)
+}
+
+/// Polls jumpgate's `--ready-file` every 10 ms until it holds an address at `key` (a path of
+/// JSON object keys) and returns it; fails as soon as `alive` does (the process exited), or after
+/// `deadline`, naming the key as `"admin"` (one key) or `forward.bench` (a path).
+pub fn wait_ready(
+    ready: &Path,
+    key: &[&str],
+    deadline: Instant,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<SocketAddr> {
+    loop {
+        alive()?;
+        let bound = fs::read_to_string(ready).ok().and_then(|text| {
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            key.iter()
+                .fold(&json, |v, k| &v[*k])
+                .as_str()?
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        if let Some(addr) = bound {
+            return Ok(addr);
+        }
+        let what = match key {
+            [one] => format!("\"{one}\""),
+            path => path.join("."),
+        };
+        ensure!(
+            Instant::now() < deadline,
+            "jumpgate wrote no ready file with {what} within {START_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Every process below `pid` (not `pid` itself), from the parent ids in /proc/*/stat.
@@ -300,6 +437,105 @@ pub fn cpu_seconds(pid: i32) -> f64 {
         }
     }
     total as f64 / ticks
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loopback ports
+
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Whether something listens on 127.0.0.1:`port`, read from /proc/net/tcp so that no probe
+/// connection is made.
+pub fn is_listening(port: u16) -> io::Result<bool> {
+    let listener = format!(": 0100007F:{port:04X} 00000000:0000 0A ");
+    Ok(fs::read_to_string("/proc/net/tcp")?.contains(&listener))
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenSSH: the client key and options
+
+/// The bench's temporary directory and the one ed25519 client key every server accepts.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub authorized_keys: PathBuf,
+    /// Who sshd logs in: the user running the bench (root when the bench runs as root).
+    pub user: String,
+}
+
+impl Lab {
+    /// A temporary directory named `prefix`..., with the client key (comment `comment`) and an
+    /// authorized_keys holding it.
+    pub fn new(prefix: &str, comment: &str) -> Result<Lab> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let key = dir.path().join("id_ed25519");
+        keygen(&key, comment)?;
+        let authorized_keys = dir.path().join("authorized_keys");
+        fs::copy(pub_path(&key), &authorized_keys)?;
+        let out = Command::new("id").arg("-un").output().context("id -un")?;
+        let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(!user.is_empty(), "`id -un` printed no user name");
+        Ok(Lab {
+            dir,
+            key,
+            authorized_keys,
+            user,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A new directory for one process.
+    pub fn subdir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+}
+
+pub fn pub_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+/// `ssh-keygen -q -t ed25519 -N '' -C COMMENT -f PATH`.
+pub fn keygen(path: &Path, comment: &str) -> Result<()> {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ssh-keygen (package openssh-client)")?;
+    ensure!(
+        out.status.success(),
+        "ssh-keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Adds `-o OPTION` for each option every OpenSSH client of the benches runs with: host keys
+/// checked against `known_hosts` only, the given identity only, no agent, no prompt, no
+/// multiplexing, a 10 s connect timeout.
+pub fn ssh_options<'a>(cmd: &'a mut Command, known_hosts: &Path) -> &'a mut Command {
+    for opt in [
+        "StrictHostKeyChecking=yes".to_string(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+        "GlobalKnownHostsFile=/dev/null".into(),
+        "IdentitiesOnly=yes".into(),
+        "BatchMode=yes".into(),
+        "IdentityAgent=none".into(),
+        "ControlPath=none".into(),
+        "ConnectTimeout=10".into(),
+    ] {
+        cmd.arg("-o").arg(opt);
+    }
+    cmd
 }
 
 // ---------------------------------------------------------------------------------------------
