@@ -3,7 +3,7 @@
 //! where a route's name points while connections flow; plus the admin
 //! endpoint and the process lifecycle (drain on SIGTERM, idle exit).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -11,13 +11,11 @@ use crate::support::daemon::{Daemon, config, route};
 use crate::support::dns::DnsServer;
 use crate::support::pg::{ITEMS, Postgres, psql};
 use crate::support::upstream::{Behavior, DOWN_SEED, Upstream};
-use crate::support::{hash_to_eof, pattern_hash, read_line, send_pattern, wait_for, wait_until};
+use crate::support::{
+    closed_within, echoes, hash_to_eof, ip, pattern_hash, read_line, send_pattern, wait_for, wait_until,
+};
 
 const DB: &str = "db.jumpgate.test";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip literal")
-}
 
 /// Starts the daemon and waits (5 s) until `/readyz` says 200.
 fn ready_daemon(config_text: &str) -> Daemon {
@@ -37,40 +35,6 @@ fn connect_reaching(d: &Daemon, route: &str) -> (TcpStream, IpAddr) {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     (s, reached)
-}
-
-/// Whether an echo round trip works on `s`.
-fn echoes(s: &mut TcpStream) -> bool {
-    let mut back = [0u8; 5];
-    s.write_all(b"ping\n").is_ok() && s.read_exact(&mut back).is_ok() && &back == b"ping\n"
-}
-
-/// Whether the peer closes `s` (EOF or reset) within `timeout`; data that
-/// arrives meanwhile is discarded.
-fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
-    for _ in 0..10_000 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).expect("set timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return false;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
-    false
-}
-
-fn metric_or_zero(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
-    d.metric(name, labels).unwrap_or(0.0)
 }
 
 #[test]
@@ -160,7 +124,7 @@ fn dns_change_moves_new_connections_and_keep_leaves_old_ones_open() {
     let d = ready_daemon(&config("", Some(dns.addr()), &route("db", &target, "keep")));
     let (mut old, reached) = connect_reaching(&d, "db");
     assert_eq!(reached, ip("127.0.0.2"));
-    let changes_before = metric_or_zero(&d, "jumpgate_dns_changes_total", &[("name", DB)]);
+    let changes_before = d.metric_or_zero("jumpgate_dns_changes_total", &[("name", DB)]);
 
     dns.set_a("db", &[ip("127.0.0.3")], 1);
     let changed = Instant::now();
@@ -191,7 +155,7 @@ fn dns_change_moves_new_connections_and_keep_leaves_old_ones_open() {
         line.contains("127.0.0.2") && line.contains("127.0.0.3"),
         "dns_change line should show old and new: {line}"
     );
-    let changes = metric_or_zero(&d, "jumpgate_dns_changes_total", &[("name", DB)]);
+    let changes = d.metric_or_zero("jumpgate_dns_changes_total", &[("name", DB)]);
     assert!(
         changes >= changes_before + 1.0,
         "dns_changes_total {changes_before} -> {changes}"
@@ -294,8 +258,7 @@ fn refused_connect_on_old_address_reresolves_at_once_and_client_sees_no_failure(
     assert_eq!(reached, ip("127.0.0.3"), "connection should reach the fresh answer");
     assert!(echoes(&mut s));
     assert!(dns.queries() > queries_before, "no DNS query after the failed connect");
-    let failed = metric_or_zero(
-        &d,
+    let failed = d.metric_or_zero(
         "jumpgate_forward_connections_total",
         &[("route", "db"), ("result", "connect_failed")],
     );
@@ -303,8 +266,7 @@ fn refused_connect_on_old_address_reresolves_at_once_and_client_sees_no_failure(
         failed, 0.0,
         "a client saw a failed connect although DNS had already moved"
     );
-    let ok = metric_or_zero(
-        &d,
+    let ok = d.metric_or_zero(
         "jumpgate_forward_connections_total",
         &[("route", "db"), ("result", "ok")],
     );
@@ -361,7 +323,7 @@ fn dns_dying_later_keeps_serving_the_last_good_answer() {
     let failures = || {
         ["timeout", "error"]
             .iter()
-            .map(|r| metric_or_zero(&d, "jumpgate_dns_lookups_total", &[("name", DB), ("result", r)]))
+            .map(|r| d.metric_or_zero("jumpgate_dns_lookups_total", &[("name", DB), ("result", r)]))
             .sum::<f64>()
     };
     let failures_before = failures();
@@ -409,16 +371,14 @@ fn refused_upstream_closes_the_client_and_counts_connect_failed() {
         ),
     }
     let counted = wait_until(Duration::from_secs(3), || {
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_forward_connections_total",
             &[("route", "db"), ("result", "connect_failed")],
         ) == 1.0
     });
     assert!(counted, "connect_failed not counted once: {:?}", d.get("/metrics").1);
     assert_eq!(
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_forward_connections_total",
             &[("route", "db"), ("result", "ok")]
         ),
@@ -534,8 +494,7 @@ fn metrics_and_audit_lines_count_what_was_relayed() {
     drop(client);
 
     let bytes = |dir: &str| {
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_relay_bytes_total",
             &[("role", "forward"), ("name", "db"), ("direction", dir)],
         )
@@ -550,8 +509,7 @@ fn metrics_and_audit_lines_count_what_was_relayed() {
         bytes("down")
     );
     let conns = |result: &str| {
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_forward_connections_total",
             &[("route", "db"), ("result", result)],
         )
@@ -628,8 +586,7 @@ fn connect_tries_each_address_of_the_answer_in_turn() {
         assert_eq!(reached, ip("127.0.0.3"));
         assert!(echoes(&mut s));
     }
-    let failed = metric_or_zero(
-        &d,
+    let failed = d.metric_or_zero(
         "jumpgate_forward_connections_total",
         &[("route", "db"), ("result", "connect_failed")],
     );

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::daemon::{Daemon, config, route};
 use crate::support::ssh::{Bastion, Lab, Ran, SshConfig, UserKey, Watched, allow_cidr, program, run};
+use crate::support::sshd::listeners;
 use crate::support::upstream::{Behavior, Upstream};
 use crate::support::{StreamHash, addr, free_port, pattern_fill, pattern_hash, read_line, wait_for, wait_until};
 
@@ -121,10 +122,6 @@ fn send_and_watch(to: SocketAddr, bytes: &[u8], timeout: Duration) -> Outcome {
     until_close(&mut s, timeout)
 }
 
-fn metric_or_zero(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
-    d.metric(name, labels).unwrap_or(0.0)
-}
-
 // ---------------------------------------------------------------- [[forward]]
 
 /// A route `name` to `target` with `proxy_protocol = true`.
@@ -222,16 +219,14 @@ fn forward_route_takes_the_client_address_from_v1_and_v2_headers() {
     );
     let n = cases.len() as f64;
     assert_eq!(
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_forward_connections_total",
             &[("route", "pp"), ("result", "ok")]
         ),
         n
     );
     assert_eq!(
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_forward_connections_total",
             &[("route", "pp"), ("result", "proxy_rejected")]
         ),
@@ -312,8 +307,7 @@ fn forward_route_refuses_and_counts_a_missing_or_broken_header() {
 
     let refused = cases.len() as f64 + 2.0;
     let counted = wait_until(Duration::from_secs(2), || {
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_forward_connections_total",
             &[("route", "pp"), ("result", "proxy_rejected")],
         ) == refused
@@ -327,11 +321,7 @@ fn forward_route_refuses_and_counts_a_missing_or_broken_header() {
         )
     );
     assert_eq!(
-        metric_or_zero(
-            &d,
-            "jumpgate_proxy_protocol_rejected_total",
-            &[("listener", "forward/pp")]
-        ),
+        d.metric_or_zero("jumpgate_proxy_protocol_rejected_total", &[("listener", "forward/pp")]),
         refused
     );
     assert_eq!(up.accepted(), 0, "no refused connection may reach the upstream");
@@ -387,8 +377,7 @@ fn a_listener_without_proxy_protocol_passes_a_header_through_as_data() {
         assert_eq!(l["fields"]["vpc_endpoint"], "-", "{l}");
     }
     assert_eq!(
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_proxy_protocol_rejected_total",
             &[("listener", "forward/plain")]
         ),
@@ -491,11 +480,9 @@ fn ssh_allowed_sources_uses_the_header_address() {
         );
     }
     let counted = wait_until(Duration::from_secs(2), || {
-        metric_or_zero(
-            &w.b.daemon,
-            "jumpgate_ssh_connections_total",
-            &[("result", "source_refused")],
-        ) == 2.0
+        w.b.daemon
+            .metric_or_zero("jumpgate_ssh_connections_total", &[("result", "source_refused")])
+            == 2.0
     });
     assert!(
         counted,
@@ -562,11 +549,9 @@ fn ssh_listener_refuses_and_counts_a_missing_or_broken_header() {
     );
     let refused = cases.len() as f64 + 1.0;
     let counted = wait_until(Duration::from_secs(2), || {
-        metric_or_zero(
-            &w.b.daemon,
-            "jumpgate_ssh_connections_total",
-            &[("result", "proxy_rejected")],
-        ) == refused
+        w.b.daemon
+            .metric_or_zero("jumpgate_ssh_connections_total", &[("result", "proxy_rejected")])
+            == refused
     });
     assert!(
         counted,
@@ -575,11 +560,8 @@ fn ssh_listener_refuses_and_counts_a_missing_or_broken_header() {
             .metric("jumpgate_ssh_connections_total", &[("result", "proxy_rejected")])
     );
     assert_eq!(
-        metric_or_zero(
-            &w.b.daemon,
-            "jumpgate_proxy_protocol_rejected_total",
-            &[("listener", "ssh")]
-        ),
+        w.b.daemon
+            .metric_or_zero("jumpgate_proxy_protocol_rejected_total", &[("listener", "ssh")]),
         refused
     );
     assert!(w.b.daemon.audit("session_open").is_empty());
@@ -594,19 +576,6 @@ struct Haproxy {
     process: Watched,
     port: u16,
     _dir: tempfile::TempDir,
-}
-
-/// Whether a socket listens on 127.0.0.1:`port` (from /proc/net/tcp).
-fn listening(port: u16) -> bool {
-    let want = format!("0100007F:{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .map(|t| {
-            t.lines().skip(1).any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 3 && f[1] == want && f[3] == "0A"
-            })
-        })
-        .unwrap_or(false)
 }
 
 impl Haproxy {
@@ -640,7 +609,9 @@ impl Haproxy {
                 if process.exited().is_some() {
                     return Some(false);
                 }
-                listening(port).then_some(true)
+                listeners(port)
+                    .contains(&SocketAddr::from(([127, 0, 0, 1], port)))
+                    .then_some(true)
             });
             match up {
                 Some(true) => {
@@ -729,7 +700,7 @@ fn haproxy_send_proxy_v2_gives_ssh_the_real_client_address() {
         "exactly the two admitted sessions reached the upstream"
     );
     assert_eq!(
-        metric_or_zero(d, "jumpgate_proxy_protocol_rejected_total", &[("listener", "ssh")]),
+        d.metric_or_zero("jumpgate_proxy_protocol_rejected_total", &[("listener", "ssh")]),
         0.0,
         "HAProxy's headers must all parse"
     );

@@ -131,10 +131,6 @@ fn request_for<'a>(reqs: &'a [Recorded], key: &UserKey) -> &'a Recorded {
         })
 }
 
-fn metric_or_zero(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
-    d.metric(name, labels).unwrap_or(0.0)
-}
-
 // ---------------------------------------------------------------- registration at start-up
 
 #[test]
@@ -184,16 +180,14 @@ fn start_up_registers_each_host_key_fingerprint_with_basic_auth() {
         );
     }
     assert_eq!(
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_service_api_requests_total",
             &[("endpoint", "register_fingerprint"), ("result", "ok")]
         ),
         2.0
     );
     assert_eq!(
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_service_api_requests_total",
             &[("endpoint", "register_fingerprint"), ("result", "retried")]
         ),
@@ -225,8 +219,7 @@ fn start_up_registration_refused_is_logged_and_counted_and_ssh_still_serves() {
     let d = Daemon::start(&lab.config(&ssh, no_dns()));
 
     let counted = wait_until(Duration::from_secs(10), || {
-        metric_or_zero(
-            &d,
+        d.metric_or_zero(
             "jumpgate_service_api_requests_total",
             &[("endpoint", "register_fingerprint"), ("result", "unauthorized")],
         ) >= 1.0
@@ -538,8 +531,7 @@ fn service_group_key_admits_its_holder_and_a_restart_without_the_api_uses_the_ca
     let cached = std::fs::read_to_string(&cache).unwrap_or_else(|e| panic!("no cache at {}: {e}", cache.display()));
     assert_eq!(key_blob(&cached), key_blob(&service.public), "cached key");
     assert!(
-        metric_or_zero(
-            &b.daemon,
+        b.daemon.metric_or_zero(
             "jumpgate_service_api_requests_total",
             &[("endpoint", "group_public_key"), ("result", "ok")]
         ) >= 1.0
@@ -553,8 +545,7 @@ fn service_group_key_admits_its_holder_and_a_restart_without_the_api_uses_the_ca
     assert_reached(&through(&b, &service, &target), "the cached group key after a restart");
     assert_refused(&through(&b, &other, &target), "another RSA key after a restart");
     let counted = wait_until(Duration::from_secs(5), || {
-        metric_or_zero(
-            &b.daemon,
+        b.daemon.metric_or_zero(
             "jumpgate_service_api_requests_total",
             &[("endpoint", "group_public_key"), ("result", "network")],
         ) >= 1.0
@@ -647,8 +638,7 @@ fn without_any_service_key_nobody_is_admitted_and_readyz_ssh_says_why() {
         "the group's key that was never fetched",
     );
     assert!(
-        metric_or_zero(
-            &b.daemon,
+        b.daemon.metric_or_zero(
             "jumpgate_service_api_requests_total",
             &[("endpoint", "group_public_key"), ("result", "unauthorized")]
         ) >= 1.0

@@ -6,12 +6,11 @@
 //! succeeds when only the checked thing differs.
 
 use std::collections::BTreeSet;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::daemon::run_cli;
@@ -21,8 +20,12 @@ use crate::support::ssh::{
     Bastion, Lab, Ran, SshConfig, UserKey, Watched, allow_cidr, allow_host, keygen_fingerprints, parse_fingerprints,
     program, pub_path, run,
 };
-use crate::support::upstream::{Behavior, DOWN_SEED, Upstream};
-use crate::support::{hash_to_eof, pattern_hash, read_line, send_pattern, wait_for, wait_until};
+use crate::support::upstream::{
+    Behavior, Concurrent, DOWN_SEED, Upstream, concurrent_clients, concurrent_received, hello,
+};
+use crate::support::{
+    closed_within, echoes, hash_to_eof, ip, pattern_hash, read_line, send_pattern, wait_for, wait_until,
+};
 
 const DB: &str = "db.jumpgate.test";
 
@@ -41,10 +44,6 @@ const PROHIBITED: &str = "open failed: administratively prohibited";
 
 /// A bound for each one-shot ssh run.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip literal")
-}
 
 /// The usual world before the daemon starts: an echo upstream on 127.0.0.2,
 /// `db.jumpgate.test` → 127.0.0.2 (TTL 1 s), and one authorized ed25519 key
@@ -158,44 +157,6 @@ fn authenticated(stderr: &str) -> bool {
     stderr.contains("Authenticated to 127.0.0.1")
 }
 
-/// Whether the peer closes `s` (EOF or reset) within `timeout`; data that
-/// arrives meanwhile is discarded.
-fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
-    for _ in 0..10_000 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).expect("set timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
-    false
-}
-
-/// Whether an echo round trip works on `s`.
-fn echoes(s: &mut (impl Read + Write)) -> bool {
-    let mut back = [0u8; 5];
-    s.write_all(b"ping\n").is_ok() && s.flush().is_ok() && s.read_exact(&mut back).is_ok() && &back == b"ping\n"
-}
-
-/// The `hello from <ip>` line an echo upstream sent on `s`, or `None` if `s`
-/// closed (or stayed silent for its read timeout) first.
-fn hello(s: &mut impl Read) -> Option<IpAddr> {
-    read_line(s).map(|line| {
-        line.strip_prefix("hello from ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-    })
-}
-
 /// An open `ssh -W` channel to an echo upstream, driven through ssh's stdin and stdout.
 struct StdioChannel {
     ssh: Watched,
@@ -254,10 +215,6 @@ impl<R, W: Write> Write for Pipes<'_, R, W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.w.flush()
     }
-}
-
-fn metric_or_zero(b: &Bastion, name: &str, labels: &[(&str, &str)]) -> f64 {
-    b.daemon.metric(name, labels).unwrap_or(0.0)
 }
 
 /// A port on 127.0.0.2 where nothing listens.
@@ -484,38 +441,16 @@ fn fifty_channels_at_once_on_one_session_arrive_byte_exact() {
     let fwd = b.local_forward(&key, &[&format!("{DB}:{}", up.port())], &[], Duration::from_secs(120));
     let port = fwd.ports[0];
 
-    let sent = Arc::new(AtomicUsize::new(0));
-    let go = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..N as u64)
-        .map(|i| {
-            let (sent, go) = (sent.clone(), go.clone());
-            std::thread::spawn(move || -> Result<(), String> {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-                s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-                s.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
-                send_pattern(&mut s, 10 + i, REQUEST).map_err(|e| format!("send: {e}"))?;
-                sent.fetch_add(1, Ordering::SeqCst);
-                // Hold the channel open until all of them are.
-                wait_until(Duration::from_secs(30), || go.load(Ordering::SeqCst));
-                s.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
-                let line = read_line(&mut s).ok_or("no `got` line")?;
-                if line != format!("got {REQUEST}") {
-                    return Err(format!("upstream says {line:?}"));
-                }
-                let answer = hash_to_eof(&mut s).map_err(|e| format!("read answer: {e}"))?;
-                if answer != pattern_hash(DOWN_SEED, REPLY) {
-                    return Err(format!("answer (len, hash) {answer:?} differs"));
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let all_open = wait_until(Duration::from_secs(30), || {
-        sent.load(Ordering::SeqCst) == N && up.open() == N
+    let Concurrent {
+        all_open,
+        open_at_once,
+        results,
+    } = concurrent_clients(&up, N, REQUEST, REPLY, move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        Ok(s)
     });
-    let open_at_once = up.open();
-    go.store(true, Ordering::SeqCst);
-    let results: Vec<Result<(), String>> = clients.into_iter().map(|c| c.join().expect("client thread")).collect();
     assert!(
         all_open,
         "only {open_at_once} of {N} channels were open at once; ssh stderr:\n{}",
@@ -524,14 +459,7 @@ fn fifty_channels_at_once_on_one_session_arrive_byte_exact() {
     for (i, r) in results.iter().enumerate() {
         assert!(r.is_ok(), "client {i}: {r:?}; ssh stderr:\n{}", fwd.ssh.stderr());
     }
-    let mut want: Vec<(u64, u64)> = (0..N as u64).map(|i| pattern_hash(10 + i, REQUEST)).collect();
-    let mut got = wait_for(Duration::from_secs(5), || {
-        let r = up.received();
-        (r.len() == N).then_some(r)
-    })
-    .unwrap_or_else(|| panic!("upstream finished {} of {N} connections", up.received().len()));
-    want.sort_unstable();
-    got.sort_unstable();
+    let (got, want) = concurrent_received(&up, N, REQUEST);
     assert_eq!(got, want, "what the upstream received differs from what was sent");
     assert!(fwd.ssh.running(), "the ssh session ended");
 }
@@ -1346,7 +1274,9 @@ fn allowed_sources_refuses_other_sources_before_any_ssh_byte() {
         "a refused source got in: {ran:#?}"
     );
     assert!(
-        metric_or_zero(&w.b, "jumpgate_ssh_connections_total", &[("result", "source_refused")]) >= 2.0,
+        w.b.daemon
+            .metric_or_zero("jumpgate_ssh_connections_total", &[("result", "source_refused")])
+            >= 2.0,
         "source_refused not counted"
     );
     assert_eq!(w.up.accepted(), 0);
@@ -1371,7 +1301,9 @@ fn login_grace_closes_a_silent_connection() {
     );
     assert!(
         wait_until(Duration::from_secs(2), || {
-            metric_or_zero(&w.b, "jumpgate_ssh_connections_total", &[("result", "login_timeout")]) >= 1.0
+            w.b.daemon
+                .metric_or_zero("jumpgate_ssh_connections_total", &[("result", "login_timeout")])
+                >= 1.0
         }),
         "login_timeout not counted"
     );
@@ -1403,7 +1335,9 @@ fn max_startups_drops_connections_beyond_the_limit() {
         );
     }
     assert!(
-        metric_or_zero(&w.b, "jumpgate_ssh_connections_total", &[("result", "startups_full")]) >= 1.0,
+        w.b.daemon
+            .metric_or_zero("jumpgate_ssh_connections_total", &[("result", "startups_full")])
+            >= 1.0,
         "startups_full not counted"
     );
     drop(held);
@@ -1506,7 +1440,7 @@ fn metrics_and_audit_lines_count_what_happened() {
         "dead upstream: expected `open failed: connect failed`: {ran:#?}"
     );
 
-    let m = |name: &str, labels: &[(&str, &str)]| metric_or_zero(b, name, labels);
+    let m = |name: &str, labels: &[(&str, &str)]| b.daemon.metric_or_zero(name, labels);
     let settled = wait_until(Duration::from_secs(3), || {
         m("jumpgate_ssh_sessions_active", &[]) == 0.0 && m("jumpgate_ssh_channels_active", &[]) == 0.0
     });

@@ -12,11 +12,8 @@
 //! Each is asserted within a time bound, never after a bare sleep.
 
 use std::collections::BTreeSet;
-use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::daemon::{ConfigDir, Daemon, config, route, run_cli};
@@ -24,8 +21,10 @@ use crate::support::dns::DnsServer;
 use crate::support::pg::{ITEMS, Postgres, psql};
 use crate::support::ssh::{Lab, SshConfig, UserKey, allow_host};
 use crate::support::sshd::{Sshd, client_ports, listener_holders, listeners, quiet_port};
-use crate::support::upstream::{Behavior, DOWN_SEED, Upstream};
-use crate::support::{hash_to_eof, pattern_hash, read_line, send_pattern, wait_for, wait_until};
+use crate::support::upstream::{
+    Behavior, Concurrent, DOWN_SEED, Upstream, concurrent_clients, concurrent_received, hello,
+};
+use crate::support::{closed_within, echoes, hash_to_eof, ip, pattern_hash, send_pattern, wait_for, wait_until};
 
 /// How long a fresh tunnel may take to come up.
 const UP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,10 +39,6 @@ const KEEPALIVE_MARGIN: Duration = Duration::from_secs(2);
 /// How long a takeover may take once the port is (or is about to be) free:
 /// sshd's `ClientAlive` drop (about 3 s) plus the loser's current backoff step.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip literal")
-}
 
 // ------------------------------------------------------------------ config
 
@@ -203,25 +198,20 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn metric(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
-    d.metric(name, labels).unwrap_or(0.0)
-}
-
 /// `jumpgate_tunnel_up{tunnel}`; `None` when the series is missing.
 fn up_metric(d: &Daemon, tunnel: &str) -> Option<f64> {
     d.metric("jumpgate_tunnel_up", &[("tunnel", tunnel)])
 }
 
 fn failures(d: &Daemon, tunnel: &str, reason: &str) -> f64 {
-    metric(
-        d,
+    d.metric_or_zero(
         "jumpgate_tunnel_failures_total",
         &[("tunnel", tunnel), ("reason", reason)],
     )
 }
 
 fn reconnects(d: &Daemon, tunnel: &str) -> f64 {
-    metric(d, "jumpgate_tunnel_reconnects_total", &[("tunnel", tunnel)])
+    d.metric_or_zero("jumpgate_tunnel_reconnects_total", &[("tunnel", tunnel)])
 }
 
 /// A client of the remote port on sshd's side (127.0.0.1:port), with `timeout` on reads and writes.
@@ -230,16 +220,6 @@ fn connect_remote(port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     Ok(s)
-}
-
-/// The `hello from <ip>` line an echo upstream sent on `s`, or `None` if `s`
-/// closed (or stayed silent for its read timeout) first.
-fn hello(s: &mut impl Read) -> Option<IpAddr> {
-    read_line(s).map(|line| {
-        line.strip_prefix("hello from ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-    })
 }
 
 /// A new connection to remote port `port`, and the echo upstream it reached;
@@ -261,34 +241,6 @@ fn reached(port: u16) -> Option<IpAddr> {
 fn wait_reaching(port: u16, want: IpAddr, timeout: Duration) -> Option<Duration> {
     let started = Instant::now();
     wait_until(timeout, || reached(port) == Some(want)).then(|| started.elapsed())
-}
-
-/// Whether an echo round trip works on `s`.
-fn echoes(s: &mut TcpStream) -> bool {
-    let mut back = [0u8; 5];
-    s.write_all(b"ping\n").is_ok() && s.read_exact(&mut back).is_ok() && &back == b"ping\n"
-}
-
-/// Whether the peer closes `s` (EOF or reset) within `timeout`; data that
-/// arrives meanwhile is discarded.
-fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
-    for _ in 0..10_000 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).expect("set timeout");
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
-    false
 }
 
 /// The one connection daemon `d` holds to `sshd` (its local port).
@@ -470,7 +422,7 @@ fn traffic_and_a_psql_query_reach_the_local_side_through_the_tunnel() {
         );
         assert_eq!(c["fields"]["tunnel"], "t1", "{c}");
     }
-    let relayed = metric(&d, "jumpgate_relay_bytes_total", &[("role", "tunnel"), ("name", "t1")]);
+    let relayed = d.metric_or_zero("jumpgate_relay_bytes_total", &[("role", "tunnel"), ("name", "t1")]);
     assert!(
         relayed > 10.0,
         "jumpgate_relay_bytes_total{{role=\"tunnel\",name=\"t1\"}} = {relayed}"
@@ -596,7 +548,7 @@ fn hundred_mib_each_way_through_the_tunnel_arrive_byte_exact() {
         Some(sent_up),
         "upstream received (len, hash) differs from what was sent"
     );
-    let relayed = metric(&d, "jumpgate_relay_bytes_total", &[("role", "tunnel"), ("name", "t1")]);
+    let relayed = d.metric_or_zero("jumpgate_relay_bytes_total", &[("role", "tunnel"), ("name", "t1")]);
     assert!(
         relayed >= (2 * LEN) as f64,
         "jumpgate_relay_bytes_total{{role=\"tunnel\",name=\"t1\"}} = {relayed}, want >= {}",
@@ -648,48 +600,18 @@ fn fifty_connections_at_once_through_the_tunnel_arrive_byte_exact() {
     let d = start(&[&t1]);
     wait_up(&d, &site.sshd, "t1", UP_TIMEOUT);
 
-    let sent = Arc::new(AtomicUsize::new(0));
-    let go = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..N as u64)
-        .map(|i| {
-            let (sent, go) = (sent.clone(), go.clone());
-            std::thread::spawn(move || -> Result<(), String> {
-                let mut s = connect_remote(port, Duration::from_secs(30)).map_err(|e| format!("connect: {e}"))?;
-                send_pattern(&mut s, 10 + i, REQUEST).map_err(|e| format!("send: {e}"))?;
-                sent.fetch_add(1, Ordering::SeqCst);
-                // Hold the connection open until all of them are.
-                wait_until(Duration::from_secs(30), || go.load(Ordering::SeqCst));
-                s.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
-                let line = read_line(&mut s).ok_or("no `got` line")?;
-                if line != format!("got {REQUEST}") {
-                    return Err(format!("upstream says {line:?}"));
-                }
-                let answer = hash_to_eof(&mut s).map_err(|e| format!("read answer: {e}"))?;
-                if answer != pattern_hash(DOWN_SEED, REPLY) {
-                    return Err(format!("answer (len, hash) {answer:?} differs"));
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let all_open = wait_until(Duration::from_secs(30), || {
-        sent.load(Ordering::SeqCst) == N && up.open() == N
+    let Concurrent {
+        all_open,
+        open_at_once,
+        results,
+    } = concurrent_clients(&up, N, REQUEST, REPLY, move || {
+        connect_remote(port, Duration::from_secs(30)).map_err(|e| format!("connect: {e}"))
     });
-    let open_at_once = up.open();
-    go.store(true, Ordering::SeqCst);
-    let results: Vec<Result<(), String>> = clients.into_iter().map(|c| c.join().expect("client thread")).collect();
     assert!(all_open, "only {open_at_once} of {N} connections were open at once");
     for (i, r) in results.iter().enumerate() {
         assert!(r.is_ok(), "client {i}: {r:?}");
     }
-    let mut want: Vec<(u64, u64)> = (0..N as u64).map(|i| pattern_hash(10 + i, REQUEST)).collect();
-    let mut got = wait_for(Duration::from_secs(5), || {
-        let r = up.received();
-        (r.len() == N).then_some(r)
-    })
-    .unwrap_or_else(|| panic!("upstream finished {} of {N} connections", up.received().len()));
-    want.sort_unstable();
-    got.sort_unstable();
+    let (got, want) = concurrent_received(&up, N, REQUEST);
     assert_eq!(got, want, "what the upstream received differs from what was sent");
     assert_eq!(up_metric(&d, "t1"), Some(1.0), "the tunnel stayed up");
 }

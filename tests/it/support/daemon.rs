@@ -295,6 +295,11 @@ impl Daemon {
         parse_metric(&body, name, labels)
     }
 
+    /// [`Daemon::metric`], with a missing series read as 0.
+    pub fn metric_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metric(name, labels).unwrap_or(0.0)
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -14,8 +14,8 @@ pub mod upstream;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -161,4 +161,37 @@ pub fn read_line(r: &mut impl Read) -> Option<String> {
 pub fn addr(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or_else(|e| panic!("{s:?} is not a socket address: {e}"))
+}
+
+/// The IP address literal `s`; panics if it is not one.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip literal")
+}
+
+/// Whether an echo round trip works on `s`.
+pub fn echoes(s: &mut (impl Read + Write)) -> bool {
+    let mut back = [0u8; 5];
+    s.write_all(b"ping\n").is_ok() && s.flush().is_ok() && s.read_exact(&mut back).is_ok() && &back == b"ping\n"
+}
+
+/// Whether the peer closes `s` (EOF or reset) within `timeout`; data that
+/// arrives meanwhile is discarded.
+pub fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    for _ in 0..10_000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).expect("set timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+    false
 }

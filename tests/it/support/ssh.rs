@@ -11,6 +11,7 @@
 //! when its time is up, and dropping the guard kills it too. Only loopback
 //! addresses are used.
 
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -29,6 +30,31 @@ pub const USER: &str = "fivetran";
 
 /// How long `ssh` may take to connect (`ConnectTimeout`).
 const CONNECT_TIMEOUT_S: u32 = 5;
+
+/// The options every OpenSSH client program gets: no config file, `-v` (so
+/// the log shows authentication and forwarding), strict host key checking
+/// against `known_hosts`, only the key at `key`, no agent, no prompts, then
+/// `more` as further `-o` options; ends with `-i KEY`.
+pub fn client_options(known_hosts: &Path, key: impl AsRef<OsStr>, more: &[&str]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["-F".into(), "/dev/null".into(), "-v".into()];
+    let common = [
+        "StrictHostKeyChecking=yes".to_string(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+        "GlobalKnownHostsFile=/dev/null".into(),
+        "IdentitiesOnly=yes".into(),
+        "BatchMode=yes".into(),
+        "IdentityAgent=none".into(),
+        "ControlPath=none".into(),
+        format!("ConnectTimeout={CONNECT_TIMEOUT_S}"),
+    ];
+    for opt in common.into_iter().chain(more.iter().map(|o| o.to_string())) {
+        args.push("-o".into());
+        args.push(opt.into());
+    }
+    args.push("-i".into());
+    args.push(key.as_ref().to_owned());
+    args
+}
 
 /// The path of program `name`, looked up in `PATH`; panics naming the Debian
 /// package that provides it when it is missing.
@@ -546,27 +572,9 @@ impl Bastion {
         std::fs::write(&self.known_hosts, lines.concat()).expect("write known_hosts");
     }
 
-    /// The options every OpenSSH client program gets: no config file, strict
-    /// host key checking against our `known_hosts`, only `key`, no agent, no
-    /// prompts, `-v` (so the log shows authentication and forwarding).
-    fn client_options(&self, key: &UserKey) -> Vec<String> {
-        let mut args: Vec<String> = vec!["-F".into(), "/dev/null".into(), "-v".into()];
-        for opt in [
-            "StrictHostKeyChecking=yes".to_string(),
-            format!("UserKnownHostsFile={}", self.known_hosts.display()),
-            "GlobalKnownHostsFile=/dev/null".into(),
-            "IdentitiesOnly=yes".into(),
-            "BatchMode=yes".into(),
-            "IdentityAgent=none".into(),
-            "ControlPath=none".into(),
-            format!("ConnectTimeout={CONNECT_TIMEOUT_S}"),
-        ] {
-            args.push("-o".into());
-            args.push(opt);
-        }
-        args.push("-i".into());
-        args.push(key.path.to_str().expect("utf-8 key path").into());
-        args
+    /// [`client_options`] for this bastion: its `known_hosts` and only `key`.
+    fn client_options(&self, key: &UserKey) -> Vec<OsString> {
+        client_options(&self.known_hosts, key.path.to_str().expect("utf-8 key path"), &[])
     }
 
     /// `ssh [extra...] <common options> -p PORT fivetran@127.0.0.1`, stdin

@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::ssh::{UserKey, Watched, keygen_fingerprints, program, run_ok};
+use super::ssh::{UserKey, Watched, client_options, keygen_fingerprints, program, run_ok};
 use super::{free_port, wait_for, wait_until};
 
 /// Where Debian's openssh-server installs the daemon (sshd re-executes
@@ -37,9 +37,6 @@ const SSHD: &str = "/usr/sbin/sshd";
 
 /// How long sshd may take to report that it listens.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long `ssh` may take to connect (`ConnectTimeout`).
-const CONNECT_TIMEOUT_S: u32 = 5;
 
 /// One OpenSSH server, killed with all its sessions on drop.
 pub struct Sshd {
@@ -381,23 +378,12 @@ impl Sshd {
     /// wins); stdin and stdout /dev/null. Add a command with `.arg(...)`.
     pub fn ssh(&self, key: &UserKey, extra: &[&str]) -> Command {
         let mut cmd = Command::new(program("ssh", "openssh-client"));
-        cmd.args(extra).args(["-F", "/dev/null", "-v"]);
-        for opt in [
-            "StrictHostKeyChecking=yes".to_string(),
-            format!("UserKnownHostsFile={}", self.known_hosts().display()),
-            "GlobalKnownHostsFile=/dev/null".into(),
-            "IdentitiesOnly=yes".into(),
-            "BatchMode=yes".into(),
-            "IdentityAgent=none".into(),
-            "ControlPath=none".into(),
-            format!("ConnectTimeout={CONNECT_TIMEOUT_S}"),
-            "ServerAliveInterval=1".into(),
-            "ServerAliveCountMax=3".into(),
-        ] {
-            cmd.args(["-o", &opt]);
-        }
-        cmd.arg("-i")
-            .arg(&key.path)
+        cmd.args(extra)
+            .args(client_options(
+                &self.known_hosts(),
+                &key.path,
+                &["ServerAliveInterval=1", "ServerAliveCountMax=3"],
+            ))
             .args(["-p", &self.port.to_string()])
             .arg(format!("{}@127.0.0.1", self.user));
         cmd.stdin(Stdio::null()).stdout(Stdio::null());

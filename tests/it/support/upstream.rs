@@ -10,8 +10,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use super::{hash_to_eof, send_pattern};
+use super::{hash_to_eof, pattern_hash, read_line, send_pattern, wait_for, wait_until};
 
 /// The pattern stream seed that upstreams send (clients send seed 1).
 pub const DOWN_SEED: u64 = 2;
@@ -33,6 +34,16 @@ pub enum Behavior {
         /// Bytes to send.
         down_len: u64,
     },
+}
+
+/// The `hello from <ip>` line an echo upstream sent on `s`, or `None` if `s`
+/// closed (or stayed silent for its read timeout) first.
+pub fn hello(s: &mut impl Read) -> Option<IpAddr> {
+    read_line(s).map(|line| {
+        line.strip_prefix("hello from ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+    })
 }
 
 #[derive(Default)]
@@ -202,4 +213,79 @@ impl Drop for Upstream {
             let _ = c.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// What [`concurrent_clients`] saw.
+pub struct Concurrent {
+    /// Whether every client had sent its request and was open at the upstream
+    /// at the same time (within 30 s).
+    pub all_open: bool,
+    /// Connections open at the upstream when that wait ended.
+    pub open_at_once: usize,
+    /// Each client's outcome, in client order.
+    pub results: Vec<Result<(), String>>,
+}
+
+/// Runs `n` clients at once against `up`, a [`Behavior::AnswerAfterEof`]
+/// upstream answering `reply_len` bytes. Client `i` opens its connection with
+/// `connect`, sends `request_len` bytes of pattern stream `10 + i`, holds the
+/// connection open until all `n` are open at `up` (at most 30 s), then
+/// half-closes and checks the `got` line and the answer.
+pub fn concurrent_clients<C>(up: &Upstream, n: usize, request_len: u64, reply_len: u64, connect: C) -> Concurrent
+where
+    C: Fn() -> Result<TcpStream, String> + Clone + Send + 'static,
+{
+    let sent = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..n as u64)
+        .map(|i| {
+            let (sent, go, connect) = (sent.clone(), go.clone(), connect.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut s = connect()?;
+                send_pattern(&mut s, 10 + i, request_len).map_err(|e| format!("send: {e}"))?;
+                sent.fetch_add(1, Ordering::SeqCst);
+                // Hold the connection open until all of them are.
+                wait_until(Duration::from_secs(30), || go.load(Ordering::SeqCst));
+                s.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+                let line = read_line(&mut s).ok_or("no `got` line")?;
+                if line != format!("got {request_len}") {
+                    return Err(format!("upstream says {line:?}"));
+                }
+                let answer = hash_to_eof(&mut s).map_err(|e| format!("read answer: {e}"))?;
+                if answer != pattern_hash(DOWN_SEED, reply_len) {
+                    return Err(format!("answer (len, hash) {answer:?} differs"));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let all_open = wait_until(Duration::from_secs(30), || {
+        sent.load(Ordering::SeqCst) == n && up.open() == n
+    });
+    let open_at_once = up.open();
+    go.store(true, Ordering::SeqCst);
+    let results = clients.into_iter().map(|c| c.join().expect("client thread")).collect();
+    Concurrent {
+        all_open,
+        open_at_once,
+        results,
+    }
+}
+
+/// (length, hash) of each of several streams.
+type Hashes = Vec<(u64, u64)>;
+
+/// What `up` received from the `n` clients of [`concurrent_clients`] and what
+/// they sent, each sorted: `(received, sent)`. Waits up to 5 s for `up` to
+/// finish all `n` connections, and panics if it does not.
+pub fn concurrent_received(up: &Upstream, n: usize, request_len: u64) -> (Hashes, Hashes) {
+    let mut want: Vec<(u64, u64)> = (0..n as u64).map(|i| pattern_hash(10 + i, request_len)).collect();
+    let mut got = wait_for(Duration::from_secs(5), || {
+        let r = up.received();
+        (r.len() == n).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("upstream finished {} of {n} connections", up.received().len()));
+    want.sort_unstable();
+    got.sort_unstable();
+    (got, want)
 }
